@@ -1,0 +1,25 @@
+"""Markdown rendering of an evaluation report."""
+from __future__ import annotations
+
+COLUMNS = ["ndcg@5", "ndcg@10", "recall@5", "recall@10", "mrr@10"]
+
+
+def _cell(entry: dict, name: str) -> str:
+    ci = entry.get(f"{name}_ci")
+    return f"{entry[name]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{entry[name]:.4f}"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per result entry: metrics with 95% intervals, then TTFT p50/p95."""
+    head = f"**{report['dataset']}**, {report['users']} test users (metric [95% bootstrap interval])\n\n"
+    lines = ["| mode | " + " | ".join(COLUMNS) + " | ttft_ms p50 | ttft_ms p95 |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for mode, entry in report["results"].items():
+        ttft = [f"{entry[k]:.1f}" if k in entry else "–" for k in ("ttft_ms_p50", "ttft_ms_p95")]
+        lines.append(f"| {mode} | " + " | ".join(_cell(entry, c) for c in COLUMNS) + " | " + " | ".join(ttft) + " |")
+    diff = report["results"].get("full", {}).get("ndcg@10_diff_vs_retriever")
+    tail = ""
+    if diff:
+        tail = (f"\n\nNDCG@10 full − retriever (paired): {diff['mean']:+.4f} "
+                f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]")
+    return head + "\n".join(lines) + tail

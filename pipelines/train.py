@@ -1,0 +1,116 @@
+"""Retraining pipeline (first version): train the ranker on next-item ranking with the
+verbalizer objective — cross-entropy over the K label-token logits at the last position.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rcllm_sdk.model.ranker import PRESETS, Ranker, build_ranker, save_ranker
+from rcllm_sdk.model.scoring import label_logits, last_hidden, pad_batch
+from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
+from rcllm_sdk.prompt import ItemInfo, PromptTemplate
+from rcllm_sdk.retrieval import Retriever
+
+from .examples import Example, build_examples, encode
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Ranker training settings. ``steps`` x ``batch_size`` prompts are seen in total."""
+
+    size: str = "small"
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    candidates: int = 20
+    max_examples: int = 20_000
+    vocab_size: int = 4000
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    shuffle_candidates: bool = True  # random candidate order per example: position carries no signal
+
+    def __post_init__(self):
+        if self.size not in PRESETS:
+            raise ValueError(f"size must be one of {list(PRESETS)}, got {self.size!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.candidates < 2:
+            raise ValueError("steps and batch_size must be >= 1 and candidates >= 2")
+
+
+def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
+    return [template.item_line(i.item_id, i.title, i.category, i.text, with_text=True).split(">", 1)[-1]
+            for i in catalog.values()]
+
+
+def train_ranker(sequences: list[list[int]], catalog: dict[int, ItemInfo], retriever: Retriever,
+                 out_dir: str | Path, config: TrainConfig = TrainConfig(),
+                 template: PromptTemplate | None = None, progress: bool = True) -> tuple[Ranker, dict]:
+    """Train tokenizer and ranker from training ``sequences`` and save them to ``out_dir``.
+
+    Returns the saved ranker and a summary (examples, loss, seconds). Item-token embeddings
+    start from the retriever's co-occurrence embeddings, so the model begins with item signal.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    template = template or PromptTemplate()
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
+    vectors = {int(i): retriever.embeddings[n] for n, i in enumerate(retriever.item_ids)}
+    ranker = build_ranker(tokenizer, template, PRESETS[config.size], vectors, config.seed)
+    examples, stats = build_examples(sequences, retriever, config.candidates, max_examples=config.max_examples,
+                                     seed=config.seed)
+    if not examples:
+        raise ValueError("no training examples: the retriever never ranked a true next item in its top-K")
+    losses = _fit(ranker, examples, catalog, config, progress)
+    save_ranker(ranker, out_dir)
+    summary = {**stats, "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - started,
+               "parameters": sum(p.numel() for p in ranker.model.parameters()), **asdict(config)}
+    return ranker, summary
+
+
+def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, progress: bool) -> list[float]:
+    model, tok = ranker.model, ranker.tokenizer
+    labels = torch.tensor(label_token_ids(tok, ranker.template.labels[: config.candidates]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    rng = np.random.default_rng(config.seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(config.steps), desc="train ranker", disable=not progress, unit="step")
+    for _ in bar:
+        batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
+        if config.shuffle_candidates:
+            batch = [_shuffled(e, rng) for e in batch]
+        ids, mask, lengths = pad_batch([encode(e, catalog, ranker.template, tok) for e in batch], tok.pad_token_id)
+        logits = label_logits(model, last_hidden(model, ids, mask, lengths), labels)  # [B, K]
+        target = torch.tensor([e.target for e in batch])
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step(); schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def _shuffled(example: Example, rng: np.random.Generator) -> Example:
+    order = rng.permutation(len(example.candidates))
+    candidates = tuple(example.candidates[i] for i in order)
+    return Example(example.history, candidates, int(np.flatnonzero(order == example.target)[0]))
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,82 @@
+"""Recommender configuration with one documented precedence:
+
+    defaults  <  YAML file (``config_file=``)  <  ``RCLLM_*`` environment  <  keyword arguments
+
+Environment names are the upper-cased field names, e.g. ``RCLLM_CANDIDATES=30``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+COLD_START = ("raise", "popular")
+
+
+@dataclass(slots=True)
+class RecommenderConfig:
+    """Serving settings.
+
+    Attributes:
+        candidates: how many items the retriever hands to the ranker (K labels in the prompt).
+        cold_start: ``raise`` (UnknownUserError / EmptyHistoryError) or ``popular`` (most popular items).
+        batch_size: prompts per forward in ``recommend_batch``.
+        threads: torch CPU threads (0 = leave torch's default).
+        mode: ranking mode; ``full`` is the plain HF forward over the whole prompt.
+    """
+
+    candidates: int = 20
+    cold_start: str = "raise"
+    batch_size: int = 16
+    threads: int = 0
+    mode: str = "full"
+
+    def __post_init__(self):
+        if self.candidates < 1:
+            raise ConfigError(f"candidates must be >= 1, got {self.candidates}")
+        if self.cold_start not in COLD_START:
+            raise ConfigError(f"cold_start must be one of {COLD_START}, got {self.cold_start!r}")
+        if self.batch_size < 1 or self.threads < 0:
+            raise ConfigError("batch_size must be >= 1 and threads >= 0")
+        if self.mode != "full":
+            raise ConfigError(f"mode {self.mode!r} is not available; this version serves mode='full'")
+
+    @classmethod
+    def resolve(cls, config_file: str | Path | None = None, **overrides) -> "RecommenderConfig":
+        """Merge the four layers in precedence order; unknown keys are rejected."""
+        values: dict = {}
+        if config_file:
+            values.update(_read_yaml(Path(config_file)))
+        values.update(_from_env())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def _from_env() -> dict:
+    names = {f.name for f in fields(RecommenderConfig)}
+    return {k[6:].lower(): v for k, v in os.environ.items() if k.startswith("RCLLM_") and k[6:].lower() in names}
+
+
+def _coerce(cls, name: str, value):
+    default = getattr(cls(), name)
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config {name}={value!r} is not a valid {type(default).__name__}") from exc

@@ -1,0 +1,33 @@
+"""The SDK's named exceptions. Each message says what was wrong and what to do."""
+
+
+class RcLLMError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+
+class DataFormatError(RcLLMError):
+    """An input file is malformed (the message names file, line and column)."""
+
+
+class FeatureRepoError(RcLLMError):
+    """The feature repository is missing, not ingested, or invalid."""
+
+
+class UnknownUserError(RcLLMError):
+    """The user id is not in the feature store."""
+
+
+class EmptyHistoryError(RcLLMError):
+    """The user exists but has no interactions to condition on."""
+
+
+class ModelLoadError(RcLLMError):
+    """The model path or URI does not hold a usable causal LM with rotary positions."""
+
+
+class NotEnoughCandidatesError(RcLLMError):
+    """More items were asked for than the retriever could supply."""
+
+
+class ConfigError(RcLLMError):
+    """A configuration value is invalid."""

@@ -1,0 +1,95 @@
+"""``rcllm ingest``: source files -> leave-one-out split -> embeddings and retriever -> Feast.
+
+What lands in ``<repo>/data/``:
+
+* ``interactions.parquet`` — every interaction with ``position`` and ``split`` (train/val/test);
+* ``user_history.parquet`` / ``items.parquet`` — the Feast sources, materialized online; the
+  histories stop before each user's test item, so no test item reaches a prompt;
+* ``retriever.npz`` — transitions, popularity and item embeddings fitted on those histories;
+* ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .data.embeddings import item_embeddings
+from .data.sources import Dataset, load
+from .data.split import TEST, VAL, histories, leave_one_out
+from .data.synthetic import SyntheticConfig
+from .features import FeatureClient, init_repo
+from .retrieval import Retriever, RetrieverConfig
+
+EMBEDDING_METHOD = "PPMI of item co-occurrence within 3 positions, truncated SVD, L2-normalised"
+
+
+@dataclass(slots=True)
+class IngestResult:
+    repo: Path
+    users: int
+    items: int
+    interactions: int
+    test_users: int
+    skipped: dict
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        return (f"ingested {self.interactions:,} interactions of {self.users:,} users over {self.items:,} items "
+                f"into {self.repo} ({self.test_users:,} test users; {skipped} malformed rows skipped)")
+
+
+def ingest(source: str, path: str | Path | None, repo: str | Path, *, online_store: str = "sqlite",
+           skip_bad_rows: bool = False, synthetic: SyntheticConfig | None = None,
+           embedding_dim: int = 32, retriever_config: RetrieverConfig = RetrieverConfig()) -> IngestResult:
+    """Ingest one source into the feature repo ``repo`` (created when missing).
+
+    Example:
+        >>> ingest("synthetic", None, "feature_repo/")
+    """
+    dataset = load(source, path, skip_bad_rows=skip_bad_rows, synthetic=synthetic)
+    repo = init_repo(repo, online_store)
+    data = repo / "data"
+    interactions = leave_one_out(dataset.interactions)
+    interactions.write_parquet(data / "interactions.parquet")
+    served = histories(interactions, exclude=(TEST,))
+    retriever = fit_retriever(served, dataset.items, embedding_dim, retriever_config)
+    retriever.save(data / "retriever.npz")
+    items = dataset.items.with_columns(pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32)))
+    FeatureClient(repo).apply_and_materialize(served, items)
+    result = IngestResult(repo, served.height, dataset.items.height, interactions.height,
+                          int((interactions["split"] == TEST).sum()), dataset.skipped)
+    _write_manifest(data / "dataset.json", dataset, interactions, result, embedding_dim, retriever_config)
+    return result
+
+
+def fit_retriever(served: pl.DataFrame, items: pl.DataFrame, dim: int, config: RetrieverConfig) -> Retriever:
+    """Retriever and embeddings from the histories Feast serves (test items excluded)."""
+    item_ids = items["item_id"].to_numpy()
+    index = {int(i): n for n, i in enumerate(item_ids)}
+    sequences = [list(s) for s in served["item_ids"]]
+    dense = [np.array([index[i] for i in s], np.int64) for s in sequences]
+    embeddings = item_embeddings(dense, len(item_ids), dim)
+    return Retriever.fit(sequences, item_ids, embeddings, config)
+
+
+def _write_manifest(path: Path, dataset: Dataset, interactions: pl.DataFrame, result: IngestResult,
+                    dim: int, config: RetrieverConfig) -> None:
+    splits = dict(interactions.group_by("split").len().iter_rows())
+    manifest = {"dataset": dataset.name, "users": result.users, "items": result.items,
+                "interactions": result.interactions, "splits": splits, "skipped_rows": dataset.skipped,
+                "embedding": {"method": EMBEDDING_METHOD, "dim": dim}, "retriever": asdict(config),
+                "history_view": f"all interactions before each user's {TEST} item ({VAL} item included)"}
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def read_manifest(repo: str | Path) -> dict:
+    path = Path(repo) / "data" / "dataset.json"
+    if not path.exists():
+        from .errors import FeatureRepoError
+
+        raise FeatureRepoError(f"{path} not found: run `rcllm ingest --repo {repo}` first")
+    return json.loads(path.read_text())

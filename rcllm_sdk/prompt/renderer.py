@@ -1,0 +1,101 @@
+"""Pure rendering of (history, candidates, template) into hashed, spanned blocks. No torch."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+from .template import PromptTemplate
+
+SYSTEM, USER, LABEL, ITEM, QUERY = "system", "user", "label", "item", "query"
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts: list[str], add_special_tokens: bool = ...) -> Mapping: ...
+
+
+@dataclass(slots=True, frozen=True)
+class ItemInfo:
+    """The item features a prompt shows (from the Feast item view)."""
+
+    item_id: int
+    title: str
+    category: str
+    text: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Block:
+    """One prompt block: its kind, tokens, [start, end) span in the prompt and content hash."""
+
+    kind: str
+    token_ids: tuple[int, ...]
+    start: int
+    content_hash: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(slots=True, frozen=True)
+class RenderedPrompt:
+    blocks: tuple[Block, ...]
+    candidate_ids: tuple[int, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [t for b in self.blocks for t in b.token_ids]
+
+    @property
+    def text_length(self) -> int:
+        return self.blocks[-1].end if self.blocks else 0
+
+
+def block_hash(fingerprint: str, kind: str, token_ids: Sequence[int]) -> int:
+    """64-bit content hash of a block under one model/tokenizer fingerprint."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(fingerprint.encode())
+    h.update(kind.encode())
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def block_texts(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo],
+                template: PromptTemplate) -> list[tuple[str, str]]:
+    """``(kind, text)`` of every block in prompt order."""
+    if len(candidates) > len(template.labels):
+        raise ValueError(f"{len(candidates)} candidates but only {len(template.labels)} labels in the template")
+    recent = history[-template.max_history:]
+    user_text = template.history_header + "".join(template.item_line(i.item_id, i.title, i.category) for i in recent)
+    parts = [(SYSTEM, template.system), (USER, user_text)]
+    for label, item in zip(template.labels, candidates):
+        parts.append((LABEL, template.label_line(label)))
+        parts.append((ITEM, template.item_line(item.item_id, item.title, item.category, item.text, with_text=True)))
+    parts.append((QUERY, template.query))
+    return parts
+
+
+def render(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template: PromptTemplate,
+           tokenizer: Tokenizer, fingerprint: str) -> RenderedPrompt:
+    """Render the blocks of one ranking prompt.
+
+    Example:
+        >>> p = render(history, candidates, PromptTemplate(), tokenizer, "model-v1")
+        >>> p.input_ids == tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        True
+    """
+    parts = block_texts(history, candidates, template)
+    encoded = tokenizer([text for _, text in parts], add_special_tokens=False)["input_ids"]
+    blocks, start = [], 0
+    for (kind, _), ids in zip(parts, encoded):
+        blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids)))
+        start += len(ids)
+    labels = tuple(template.labels[: len(candidates)])
+    return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
+
+
+def full_text(history, candidates, template: PromptTemplate) -> str:
+    """The whole prompt as one string (what the blocks must tokenise to)."""
+    return "".join(text for _, text in block_texts(history, candidates, template))

@@ -1,0 +1,133 @@
+"""``RcRecommender``: the facade. Features -> candidates -> blocks -> forward -> ranking."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .config import RecommenderConfig
+from .errors import EmptyHistoryError, FeatureRepoError, NotEnoughCandidatesError, UnknownUserError
+from .features import FeatureClient
+from .model.ranker import Ranker, load_ranker
+from .model.scoring import score_full
+from .model.tokenizer import label_token_ids
+from .prompt import ItemInfo, RenderedPrompt, render
+from .retrieval import Retriever
+from .types import Recommendation
+
+
+class RcRecommender:
+    """Ranks a user's retrieved candidates with an LLM in one forward pass.
+
+    Example:
+        >>> rec = RcRecommender.from_feature_store("feature_repo/", model="feature_repo/data/ranker")
+        >>> rec.recommend(user_id=42, k=10).item_ids
+    """
+
+    def __init__(self, features: FeatureClient, retriever: Retriever, ranker: Ranker, config: RecommenderConfig):
+        self.features, self.retriever, self.ranker, self.config = features, retriever, ranker, config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        labels = ranker.template.labels[: config.candidates]
+        if len(labels) < config.candidates:
+            raise NotEnoughCandidatesError(f"the template has {len(labels)} labels; set candidates <= {len(labels)}")
+        self.label_ids = label_token_ids(ranker.tokenizer, labels)
+
+    @classmethod
+    def from_feature_store(cls, repo_path: str | Path, model: str | Path | None = None,
+                           config_file: str | Path | None = None, **config) -> "RcRecommender":
+        """Open an ingested feature repo and a ranker (local HF folder or MLflow URI).
+
+        ``model`` defaults to ``<repo>/data/ranker`` (where ``rcllm train`` saves). Keyword
+        arguments override :class:`RecommenderConfig` fields.
+        """
+        repo = Path(repo_path)
+        retriever_file = repo / "data" / "retriever.npz"
+        if not retriever_file.exists():
+            raise FeatureRepoError(f"{repo} is not an ingested feature repo ({retriever_file} missing): "
+                                   f"run `rcllm ingest --repo {repo}` first")
+        ranker = load_ranker(model if model is not None else repo / "data" / "ranker")
+        return cls(FeatureClient(repo), Retriever.load(retriever_file), ranker,
+                   RecommenderConfig.resolve(config_file, **config))
+
+    def recommend(self, user_id: int, k: int = 10) -> Recommendation:
+        """Top-``k`` items for ``user_id``; see :class:`Recommendation`."""
+        return self.recommend_batch([user_id], k)[0]
+
+    def recommend_batch(self, user_ids: list[int], k: int = 10) -> list[Recommendation]:
+        """Recommendations for many users; prompts share forwards of ``config.batch_size``."""
+        started = time.perf_counter()
+        self._check_k(k)
+        histories = self.features.histories(list(user_ids))
+        results: dict[int, Recommendation] = {}
+        pending = []
+        for slot, (user, found) in enumerate(zip(user_ids, histories)):
+            history = self._history_or_cold_start(user, found)
+            if history is None:
+                results[slot] = self._popular(user, k, started)
+            else:
+                pending.append((slot, user, history))
+        for chunk in _chunks(pending, self.config.batch_size):
+            for slot, rec in self._rank_chunk(chunk, k, started):
+                results[slot] = rec
+        return [results[i] for i in range(len(user_ids))]
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.config.candidates:
+            raise NotEnoughCandidatesError(f"k={k} but the ranker sees {self.config.candidates} candidates; "
+                                           f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`")
+
+    def _history_or_cold_start(self, user: int, found) -> list[int] | None:
+        if found is None:
+            if self.config.cold_start == "popular":
+                return None
+            raise UnknownUserError(f"user {user} is not in the feature store; ingest their interactions "
+                                   "or set cold_start='popular'")
+        if not found[0]:
+            if self.config.cold_start == "popular":
+                return None
+            raise EmptyHistoryError(f"user {user} has no interactions; set cold_start='popular' to serve them")
+        return found[0]
+
+    def _popular(self, user: int, k: int, started: float) -> Recommendation:
+        items = self.retriever.popular(k)
+        return Recommendation(user, items, [float(k - r) for r in range(len(items))], [], 0.0,
+                              _ms_since(started), source="popularity")
+
+    def _rank_chunk(self, chunk, k: int, started: float):
+        prompts = [self._prompt(history) for _, _, history in chunk]
+        t0 = time.perf_counter()
+        scores = score_full(self.ranker.model, [p.input_ids for p in prompts],
+                            [self.label_ids[: len(p.candidate_ids)] for p in prompts], self.ranker.tokenizer.pad_token_id)
+        ttft = _ms_since(t0)
+        for (slot, user, _), prompt, score in zip(chunk, prompts, scores):
+            order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
+            yield slot, Recommendation(user, [prompt.candidate_ids[i] for i in order],
+                                       [float(score[i]) for i in order], [prompt.labels[i] for i in order],
+                                       ttft, _ms_since(started), prompt_tokens=len(prompt.input_ids))
+
+    def _prompt(self, history: list[int]) -> RenderedPrompt:
+        template = self.ranker.template
+        candidates = self.retriever.candidates(history, self.config.candidates)
+        if len(candidates) < self.config.candidates:
+            raise NotEnoughCandidatesError(f"the retriever found {len(candidates)} unseen items, "
+                                           f"fewer than candidates={self.config.candidates}; lower it")
+        shown = history[-template.max_history:]
+        info = self._items(shown + candidates)
+        return render([info[i] for i in shown], [info[i] for i in candidates], template,
+                      self.ranker.tokenizer, self.ranker.fingerprint)
+
+    def _items(self, item_ids: list[int]) -> dict[int, ItemInfo]:
+        cols = self.features.items(item_ids)
+        return {i: ItemInfo(i, t or "", c or "", x or "")
+                for i, t, c, x in zip(item_ids, cols["title"], cols["category"], cols["text"])}
+
+
+def _chunks(rows: list, size: int):
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0

@@ -1,0 +1,109 @@
+"""First-stage candidate retrieval: item-to-item transitions blended with embedding similarity
+and popularity, excluding items the user has seen. No torch: this module only plans.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(slots=True, frozen=True)
+class RetrieverConfig:
+    """Blend weights of the retriever's three signals; one configuration everywhere."""
+
+    recent: int = 5  # how many of the last history items drive the transition score
+    decay: float = 0.6  # weight of the k-th most recent item is decay**k
+    w_transition: float = 1.0
+    w_similarity: float = 0.3
+    w_popularity: float = 0.05
+    horizon: int = 3  # a transition i -> j counts when j follows i within this many steps
+
+
+class Retriever:
+    """Scores every item for a history and returns the top-K unseen ones, best first.
+
+    Example:
+        >>> r = Retriever.fit(sequences, item_ids, embeddings)
+        >>> r.candidates([5, 9, 12], k=20)
+    """
+
+    def __init__(self, item_ids: np.ndarray, transitions: sp.csr_matrix, popularity: np.ndarray,
+                 embeddings: np.ndarray, config: RetrieverConfig = RetrieverConfig()):
+        self.item_ids = np.asarray(item_ids, np.int64)
+        self.index = {int(i): n for n, i in enumerate(self.item_ids)}
+        self.transitions, self.embeddings, self.config = transitions, embeddings, config
+        self.log_popularity = np.log1p(popularity) / max(np.log1p(popularity).max(), 1e-9)
+
+    @classmethod
+    def fit(cls, sequences: list[list[int]], item_ids, embeddings: np.ndarray,
+            config: RetrieverConfig = RetrieverConfig()) -> "Retriever":
+        """Build from training histories (lists of item ids in time order)."""
+        item_ids = np.asarray(item_ids, np.int64)
+        index = {int(i): n for n, i in enumerate(item_ids)}
+        dense = [np.array([index[i] for i in s], np.int64) for s in sequences]
+        n = len(item_ids)
+        rows, cols, vals = [], [], []
+        for seq in dense:
+            for step in range(1, config.horizon + 1):
+                if len(seq) > step:
+                    rows.append(seq[:-step]); cols.append(seq[step:])
+                    vals.append(np.full(len(seq) - step, 1.0 / step))
+        if rows:
+            counts = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(n, n)).tocsr()
+        else:
+            counts = sp.csr_matrix((n, n))
+        row_sums = np.asarray(counts.sum(axis=1)).ravel()
+        transitions = sp.diags(1.0 / np.maximum(row_sums, 1e-9)) @ counts
+        popularity = np.bincount(np.concatenate(dense), minlength=n) if dense else np.zeros(n)
+        return cls(item_ids, transitions.tocsr(), popularity.astype(np.float64), embeddings, config)
+
+    def scores(self, history: list[int]) -> np.ndarray:
+        """Blend score of every item (dense index order) for ``history`` (item ids, oldest first)."""
+        cfg = self.config
+        known = [self.index[i] for i in history if i in self.index]
+        recent = known[::-1][: cfg.recent]
+        score = cfg.w_popularity * self.log_popularity
+        if recent:
+            weights = cfg.decay ** np.arange(len(recent))
+            score = score + cfg.w_transition * np.asarray(weights @ self.transitions[recent].toarray()).ravel()
+            profile = self.embeddings[recent].mean(axis=0)
+            norm = np.linalg.norm(profile)
+            if norm > 0:
+                score = score + cfg.w_similarity * (self.embeddings @ (profile / norm))
+        return score
+
+    def candidates(self, history: list[int], k: int) -> list[int]:
+        """Top-``k`` unseen item ids, best first (fewer when the catalogue runs out)."""
+        score = self.scores(history)
+        seen = [self.index[i] for i in history if i in self.index]
+        score[seen] = -np.inf
+        k = min(k, int(np.isfinite(score).sum()))
+        top = np.argpartition(-score, k - 1)[:k] if k else np.array([], np.int64)
+        top = top[np.lexsort((top, -score[top]))]  # by score, ties by index: deterministic
+        return [int(self.item_ids[i]) for i in top]
+
+    def popular(self, k: int) -> list[int]:
+        """Most popular item ids (the cold-start fallback)."""
+        order = np.lexsort((np.arange(len(self.item_ids)), -self.log_popularity))[:k]
+        return [int(self.item_ids[i]) for i in order]
+
+    def save(self, path: str | Path) -> None:
+        t = self.transitions
+        np.savez_compressed(path, item_ids=self.item_ids, data=t.data, indices=t.indices, indptr=t.indptr,
+                            log_popularity=self.log_popularity, embeddings=self.embeddings,
+                            config=np.array([getattr(self.config, f) for f in RetrieverConfig.__dataclass_fields__]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Retriever":
+        z = np.load(path)
+        n = len(z["item_ids"])
+        transitions = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n))
+        fields = list(RetrieverConfig.__dataclass_fields__)
+        values = {f: type(getattr(RetrieverConfig(), f))(v) for f, v in zip(fields, z["config"])}
+        r = cls(z["item_ids"], transitions, np.zeros(n), z["embeddings"], RetrieverConfig(**values))
+        r.log_popularity = z["log_popularity"]
+        return r

@@ -1,0 +1,39 @@
+"""Typed results returned by the recommender."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Per-request KV-cache figures (all zero in ``full`` mode, which reuses nothing)."""
+
+    hits: int = 0
+    misses: int = 0
+    recomputed_fraction: float = 1.0
+    kv_bytes_read: int = 0
+
+
+@dataclass(slots=True)
+class Recommendation:
+    """Ranked items for one user.
+
+    Attributes:
+        item_ids: best first, ``k`` of them.
+        scores: the ranker's label logits for those items (popularity rank for cold start).
+        labels: the prompt labels the items carried (empty for cold start).
+        ttft_ms: prompt tokens in -> label logits out.
+        e2e_ms: ``recommend`` call -> result (features and retrieval included).
+        source: ``ranker`` or ``popularity`` (cold-start fallback).
+    """
+
+    user_id: int
+    item_ids: list[int]
+    scores: list[float]
+    labels: list[str]
+    ttft_ms: float
+    e2e_ms: float
+    mode: str = "full"
+    source: str = "ranker"
+    prompt_tokens: int = 0
+    cache: CacheStats = field(default_factory=CacheStats)

@@ -19,7 +19,6 @@ demo: $(STAMP)
 	$(VENV)/bin/rcllm demo
 
 test: $(STAMP)
-	bash scripts/services.sh install
 	$(PY) -m pytest
 
 clean:

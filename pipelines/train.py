@@ -13,12 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rcllm_sdk.model.ranker import PRESETS, Ranker, build_ranker, save_ranker
-from rcllm_sdk.model.scoring import label_logits, last_hidden, pad_batch
+from rcllm_sdk.model.scoring import label_logits, pad_batch
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate
 from rcllm_sdk.retrieval import Retriever
 
-from .examples import Example, build_examples, encode
+from .examples import BlockEncoder, Example, build_examples
 
 
 @dataclass(slots=True)
@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     shuffle_candidates: bool = True  # random candidate order per example: position carries no signal
+    history_lm_weight: float = 1.0  # auxiliary next-token loss over the history block (item dynamics)
 
     def __post_init__(self):
         if self.size not in PRESETS:
@@ -82,6 +83,7 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     rng = np.random.default_rng(config.seed)
+    encoder = BlockEncoder(catalog, ranker.template, tok)
     model.train()
     losses = []
     bar = tqdm(range(config.steps), desc="train ranker", disable=not progress, unit="step")
@@ -89,10 +91,14 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
         if config.shuffle_candidates:
             batch = [_shuffled(e, rng) for e in batch]
-        ids, mask, lengths = pad_batch([encode(e, catalog, ranker.template, tok) for e in batch], tok.pad_token_id)
-        logits = label_logits(model, last_hidden(model, ids, mask, lengths), labels)  # [B, K]
-        target = torch.tensor([e.target for e in batch])
-        loss = torch.nn.functional.cross_entropy(logits, target)
+        encoded = [encoder.encode(e) for e in batch]
+        ids, mask, lengths = pad_batch([e[0] for e in encoded], tok.pad_token_id)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+        last = hidden[torch.arange(len(batch)), lengths - 1]
+        logits = label_logits(model, last, labels)  # [B, K]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.target for e in batch]))
+        if config.history_lm_weight:
+            loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [e[1] for e in encoded])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,6 +107,14 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
     return losses
+
+
+def _history_lm_loss(model, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Next-token cross-entropy inside each history block: teaches which item follows which."""
+    rows = torch.cat([torch.full((end - start - 1,), b) for b, (start, end) in enumerate(spans)])
+    cols = torch.cat([torch.arange(start, end - 1) for start, end in spans])
+    logits = model.get_output_embeddings()(hidden[rows, cols])  # [N, vocab]
+    return torch.nn.functional.cross_entropy(logits, ids[rows, cols + 1])
 
 
 def _shuffled(example: Example, rng: np.random.Generator) -> Example:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import polars as pl
 
-from rcllm_sdk.data.split import TRAIN, histories
-from rcllm_sdk.ingest import read_manifest
+from rcllm_sdk.data.split import TEST, TRAIN, histories
+from rcllm_sdk.ingest import fit_retriever, read_manifest
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate
-from rcllm_sdk.retrieval import Retriever
+from rcllm_sdk.retrieval import Retriever, RetrieverConfig
 
 from .train import TrainConfig, train_ranker
 
@@ -19,11 +19,21 @@ def catalog_from_repo(repo: Path) -> dict[int, ItemInfo]:
     return {r[0]: ItemInfo(*r) for r in items.iter_rows()}
 
 
-def train_sequences(repo: Path) -> list[list[int]]:
-    """Each user's training items in time order: validation and test items left out."""
+def cross_fitted_groups(repo: Path, manifest: dict, folds: int = 2) -> list[tuple[list[list[int]], Retriever]]:
+    """Users split into ``folds`` by id; each fold's training sequences (validation and test
+    items left out) get candidates from a retriever fitted on the other folds' histories."""
     interactions = pl.read_parquet(repo / "data" / "interactions.parquet")
+    items = pl.read_parquet(repo / "data" / "items.parquet", columns=["item_id"])
+    served = histories(interactions, exclude=(TEST,))
     train = histories(interactions.filter(pl.col("split") == TRAIN), exclude=())
-    return [list(s) for s in train["item_ids"]]
+    config = RetrieverConfig(**manifest["retriever"])
+    groups = []
+    for fold in range(folds):
+        others = served.filter(pl.col("user_id") % folds != fold)
+        retriever = fit_retriever(others, items, manifest["embedding"]["dim"], config)
+        mine = train.filter(pl.col("user_id") % folds == fold)
+        groups.append(([list(s) for s in mine["item_ids"]], retriever))
+    return groups
 
 
 def train_from_repo(repo: str | Path, out_dir: str | Path | None = None, config: TrainConfig | None = None,
@@ -38,8 +48,9 @@ def train_from_repo(repo: str | Path, out_dir: str | Path | None = None, config:
     out_dir = Path(out_dir) if out_dir else repo / "data" / "ranker"
     config = config or TrainConfig()
     retriever = Retriever.load(repo / "data" / "retriever.npz")
-    _, summary = train_ranker(train_sequences(repo), catalog_from_repo(repo), retriever, out_dir, config,
-                              template, progress)
+    vectors = {int(i): retriever.embeddings[n] for n, i in enumerate(retriever.item_ids)}
+    _, summary = train_ranker(cross_fitted_groups(repo, manifest), catalog_from_repo(repo), vectors, out_dir,
+                              config, template, progress)
     summary["dataset"] = manifest["dataset"]
     run_id = None
     if log_mlflow:

@@ -86,14 +86,11 @@ def _data_args(p, users: int, items: int) -> None:
     p.add_argument("--seed", type=int, default=7)
 
 
-def _train_args(p, steps: int) -> None:
-    from .pipelines.train import TrainConfig
-
-    d = TrainConfig()
-    p.add_argument("--size", default=d.size, help="ranker preset: micro, small, base")
+def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
+    p.add_argument("--size", default=size, help="ranker preset: micro, small, base")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=2e-3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="ingest synthetic data, train, recommend and evaluate (a few minutes)")
     _data_args(p, 600, 400)
-    _train_args(p, 200)
+    _train_args(p, 150, size="micro", batch_size=16)
     p.add_argument("--repo", default=DEMO_REPO)
     p.add_argument("--online-store", default="sqlite")
     p.add_argument("--skip-bad-rows", action="store_true")

@@ -65,3 +65,15 @@ def test_labels_are_single_tokens(tokenizer):
 def test_too_many_candidates_for_labels(tokenizer):
     with pytest.raises(ValueError, match="labels"):
         render(HISTORY, CANDIDATES, PromptTemplate(labels=["A"]), tokenizer, "fp")
+
+
+def test_training_block_encoder_equals_the_renderer(tokenizer):
+    from rcllm_sdk.pipelines.examples import BlockEncoder, Example, encode
+
+    catalog = {i.item_id: i for i in HISTORY + CANDIDATES}
+    template = PromptTemplate(item_text_words=3, max_history=1)
+    example = Example((1, 2), (7, 3), 1)
+    ids, (start, end) = BlockEncoder(catalog, template, tokenizer).encode(example)
+    assert ids == encode(example, catalog, template, tokenizer)
+    prompt = render(HISTORY, CANDIDATES[::-1], template, tokenizer, "fp")
+    assert (start, end) == (prompt.blocks[1].start, prompt.blocks[1].end)

@@ -110,22 +110,17 @@ def _require_columns(frame: pl.DataFrame, schema: dict, file: Path) -> None:
 def _typed(frame: pl.DataFrame, schema: dict, file: Path, first_line: int, skip: bool,
            skipped: dict[str, int]) -> pl.DataFrame:
     """Cast string columns to ``schema``; a value that does not parse is an error or a counted skip."""
-    frame = frame.with_row_index("_line", offset=first_line)
-    bad = pl.lit(False)
-    casts = []
-    for col, dtype in schema.items():
-        cast = pl.col(col).str.strip_chars().cast(dtype, strict=False) if dtype != pl.Utf8 else pl.col(col)
-        casts.append(cast.alias(col))
-        bad = bad | cast.is_null() if col != "category" else bad
-    checked = frame.with_columns(pl.any_horizontal(*[_bad_cell(c, d) for c, d in schema.items()]).alias("_bad"))
+    checked = frame.with_row_index("_line", offset=first_line).with_columns(
+        pl.any_horizontal(*[_bad_cell(c, d) for c, d in schema.items()]).alias("_bad"))
     n_bad = int(checked["_bad"].sum())
     if n_bad and not skip:
         row = checked.filter(pl.col("_bad")).row(0, named=True)
-        col = next(c for c, d in schema.items() if _cell_is_bad(row[c], d))
+        col = next(c for c, d in schema.items() if _cell_is_bad(c, row[c], d))
         raise DataFormatError(f"{file}:{row['_line']}: column {col!r} has invalid value {row[col]!r} "
-                              f"(expected {dtype_name(schema[col])}); fix the file or pass --skip-bad-rows")
+                              f"(expected {_dtype_name(schema[col])}); fix the file or pass --skip-bad-rows")
     if n_bad:
         skipped[str(file)] = skipped.get(str(file), 0) + n_bad
+    casts = [pl.col(c).str.strip_chars().cast(d) if d != pl.Utf8 else pl.col(c) for c, d in schema.items()]
     return checked.filter(~pl.col("_bad")).select(casts)
 
 
@@ -135,9 +130,9 @@ def _bad_cell(col: str, dtype) -> pl.Expr:
     return pl.col(col).is_null() | pl.col(col).str.strip_chars().cast(dtype, strict=False).is_null()
 
 
-def _cell_is_bad(value, dtype) -> bool:
+def _cell_is_bad(col: str, value, dtype) -> bool:
     if value is None:
-        return True
+        return dtype != pl.Utf8 or col in ("item_id", "title")
     if dtype == pl.Utf8:
         return False
     try:
@@ -147,7 +142,7 @@ def _cell_is_bad(value, dtype) -> bool:
         return True
 
 
-def dtype_name(dtype) -> str:
+def _dtype_name(dtype) -> str:
     return "an integer" if dtype == pl.Int64 else "text"
 
 

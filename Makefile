@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) feature_repo/data mlflow.db mlruns demo_evaluation.json
+	rm -rf $(VENV) feature_repo/data mlflow.db mlruns

@@ -27,14 +27,17 @@ from .report import markdown_table
 
 def evaluate(source: str, path: str | None, out: str | Path | None = None, *, model: str | None = None,
              repo: str | Path | None = None, train_config=None, synthetic=None, max_users: int | None = None,
-             timing_samples: int = 200, candidates: int = 20, progress: bool = True, log_mlflow: bool = True) -> dict:
-    """Ingest ``source``, train a ranker when ``model`` is None, evaluate, write ``out`` JSON.
+             timing_samples: int = 200, candidates: int = 20, progress: bool = True, log_mlflow: bool = True,
+             ingest_first: bool = True) -> dict:
+    """Ingest ``source`` (unless ``ingest_first`` is False and ``repo`` is already ingested),
+    train a ranker when ``model`` is None, evaluate, write ``out`` JSON.
 
     Example:
         >>> evaluate("movielens", "../shared/data/ml-100k", "ml100k.json")
     """
     repo = Path(repo) if repo else Path(tempfile.mkdtemp(prefix=f"rcllm-eval-{source}-"))
-    ingest(source, path, repo, synthetic=synthetic)
+    if ingest_first:
+        ingest(source, path, repo, synthetic=synthetic)
     training = None
     if model is None:
         model, training = _train(repo, train_config, progress)
@@ -42,12 +45,13 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
     truth = _test_truth(repo, max_users)
     users = sorted(truth)
     full, retriever = _ranks(rec, users, truth, candidates, progress)
-    report = {"dataset": read_manifest(repo)["dataset"], "users": len(users),
+    manifest = read_manifest(repo)
+    report = {"dataset": manifest["dataset"], "users": len(users),
               "results": {"retriever": _accuracy(retriever, retriever),
                           "full": {**_accuracy(full, retriever), **_timing(rec, users[:timing_samples])}}}
     report["results"]["full"]["ndcg@10_diff_vs_retriever"] = paired_difference(full, retriever)
     report["config"] = {"candidates": candidates, "model": str(model), "training": training,
-                        "retriever": read_manifest(repo)["retriever"]}
+                        "retriever": manifest["retriever"]}
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     if log_mlflow:
@@ -75,9 +79,9 @@ def _ranks(rec: RcRecommender, users: list[int], truth: dict, k: int, progress: 
     step = rec.config.batch_size
     for start in tqdm(range(0, len(users), step), desc="evaluate", disable=not progress, unit="batch"):
         batch = users[start : start + step]
-        for user, found, result in zip(batch, rec.features.histories(batch), rec.recommend_batch(batch, k=k)):
+        for user, result in zip(batch, rec.recommend_batch(batch, k=k)):
             full.append(rank_of(result.item_ids, truth[user]))
-            retr.append(rank_of(rec.retriever.candidates(found[0], k), truth[user]))
+            retr.append(rank_of(result.candidates, truth[user]))
     return np.array(full), np.array(retr)
 
 

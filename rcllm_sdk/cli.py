@@ -71,8 +71,9 @@ def cmd_demo(args) -> None:
     print("== evaluate (leave-one-out on the test split)")
     from .evaluation.evaluate import evaluate
 
-    evaluate("synthetic", None, args.eval_out, model=f"{args.repo}/data/ranker", repo=args.repo,
-             synthetic=_synthetic(args), candidates=20)
+    out = args.eval_out or f"{args.repo}/data/demo_evaluation.json"
+    evaluate("synthetic", None, out, model=f"{args.repo}/data/ranker", repo=args.repo,
+             synthetic=_synthetic(args), candidates=20, ingest_first=False)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", default=DEMO_REPO)
     p.add_argument("--online-store", default="sqlite")
     p.add_argument("--skip-bad-rows", action="store_true")
-    p.add_argument("--eval-out", default="demo_evaluation.json")
+    p.add_argument("--eval-out", help="report JSON (default <repo>/data/demo_evaluation.json)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -105,7 +105,8 @@ class RcRecommender:
             order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
             yield slot, Recommendation(user, [prompt.candidate_ids[i] for i in order],
                                        [float(score[i]) for i in order], [prompt.labels[i] for i in order],
-                                       ttft, _ms_since(started), prompt_tokens=len(prompt.input_ids))
+                                       ttft, _ms_since(started), prompt_tokens=len(prompt.input_ids),
+                                       candidates=list(prompt.candidate_ids))
 
     def _prompt(self, history: list[int]) -> RenderedPrompt:
         template = self.ranker.template

@@ -25,6 +25,7 @@ class Recommendation:
         ttft_ms: prompt tokens in -> label logits out.
         e2e_ms: ``recommend`` call -> result (features and retrieval included).
         source: ``ranker`` or ``popularity`` (cold-start fallback).
+        candidates: what the ranker saw, in the retriever's order (empty for cold start).
     """
 
     user_id: int
@@ -36,4 +37,5 @@ class Recommendation:
     mode: str = "full"
     source: str = "ranker"
     prompt_tokens: int = 0
+    candidates: list[int] = field(default_factory=list)
     cache: CacheStats = field(default_factory=CacheStats)

@@ -30,7 +30,8 @@ def test_recommend_ranks_retrieved_unseen_items(trained_repo):
     out = rec.recommend(user, k=5)
     history = rec.features.histories([user])[0][0]
     assert len(out.item_ids) == 5 and len(set(out.item_ids)) == 5
-    assert set(out.item_ids) <= set(rec.retriever.candidates(history, 20))
+    assert out.candidates == rec.retriever.candidates(history, 20)
+    assert set(out.item_ids) <= set(out.candidates)
     assert not set(out.item_ids) & set(history)
     assert out.scores == sorted(out.scores, reverse=True)
     assert out.ttft_ms > 0 and out.e2e_ms >= out.ttft_ms and out.source == "ranker"
@@ -88,3 +89,19 @@ def test_evaluate_writes_the_report(trained_repo, tmp_path):
             assert metric in entry["in_candidates"]
     assert full["recall@10"] <= retr["in_candidates"]["users"] / saved["users"] + 1e-9
     assert full["ttft_ms_p50"] > 0 and "ttft_ms_p99" not in full  # p99 needs >= 100 samples
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    from rcllm_sdk.cli import main
+
+    assert main(["recommend", "--repo", str(tmp_path), "--user", "1"]) == 2
+    assert "rcllm ingest" in capsys.readouterr().err
+
+
+def test_cli_recommend_prints_json(trained_repo, capsys):
+    from rcllm_sdk.cli import main
+
+    repo, _ = trained_repo
+    assert main(["recommend", "--repo", str(repo), "--user", "1", "--k", "3"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["user_id"] == 1 and len(line["item_ids"]) == 3

@@ -79,3 +79,23 @@ def test_load_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError):
         load_ranker(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_rotary_families_load_and_score(saved, tmp_path, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ranker, _ = saved
+    tok = ranker.tokenizer
+    config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    folder = tmp_path / family
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded = load_ranker(folder)
+    assert loaded.template.item_tokens is False  # a foreign checkpoint has no rcllm template
+    ids = tok("alpha beta A", add_special_tokens=False)["input_ids"]
+    labels = label_token_ids(tok, ["A", "B"])
+    with torch.no_grad():
+        ref = loaded.model(torch.tensor([ids])).logits[0, -1, labels]
+    assert torch.allclose(score_full(loaded.model, [ids], [labels], tok.pad_token_id)[0], ref, atol=1e-5)

@@ -30,12 +30,12 @@ class Retriever:
         >>> r.candidates([5, 9, 12], k=20)
     """
 
-    def __init__(self, item_ids: np.ndarray, transitions: sp.csr_matrix, popularity: np.ndarray,
+    def __init__(self, item_ids: np.ndarray, transitions: sp.csr_matrix, log_popularity: np.ndarray,
                  embeddings: np.ndarray, config: RetrieverConfig = RetrieverConfig()):
         self.item_ids = np.asarray(item_ids, np.int64)
         self.index = {int(i): n for n, i in enumerate(self.item_ids)}
         self.transitions, self.embeddings, self.config = transitions, embeddings, config
-        self.log_popularity = np.log1p(popularity) / max(np.log1p(popularity).max(), 1e-9)
+        self.log_popularity = log_popularity  # log1p(count), scaled to [0, 1]
 
     @classmethod
     def fit(cls, sequences: list[list[int]], item_ids, embeddings: np.ndarray,
@@ -58,8 +58,9 @@ class Retriever:
             counts = sp.csr_matrix((n, n))
         row_sums = np.asarray(counts.sum(axis=1)).ravel()
         transitions = sp.diags(1.0 / np.maximum(row_sums, 1e-9)) @ counts
-        popularity = np.bincount(np.concatenate(dense), minlength=n) if dense else np.zeros(n)
-        return cls(item_ids, transitions.tocsr(), popularity.astype(np.float64), embeddings, config)
+        counts = np.bincount(np.concatenate(dense), minlength=n) if dense else np.zeros(n)
+        log_popularity = np.log1p(counts) / max(np.log1p(counts).max(), 1e-9)
+        return cls(item_ids, transitions.tocsr(), log_popularity, embeddings, config)
 
     def scores(self, history: list[int]) -> np.ndarray:
         """Blend score of every item (dense index order) for ``history`` (item ids, oldest first)."""
@@ -104,6 +105,4 @@ class Retriever:
         transitions = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n))
         fields = list(RetrieverConfig.__dataclass_fields__)
         values = {f: type(getattr(RetrieverConfig(), f))(v) for f, v in zip(fields, z["config"])}
-        r = cls(z["item_ids"], transitions, np.zeros(n), z["embeddings"], RetrieverConfig(**values))
-        r.log_popularity = z["log_popularity"]
-        return r
+        return cls(z["item_ids"], transitions, z["log_popularity"], z["embeddings"], RetrieverConfig(**values))

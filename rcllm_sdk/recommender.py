@@ -96,7 +96,7 @@ class RcRecommender:
                               _ms_since(started), source="popularity")
 
     def _rank_chunk(self, chunk, k: int, started: float):
-        prompts = [self._prompt(history) for _, _, history in chunk]
+        prompts = self._prompts([history for _, _, history in chunk])
         t0 = time.perf_counter()
         scores = score_full(self.ranker.model, [p.input_ids for p in prompts],
                             [self.label_ids[: len(p.candidate_ids)] for p in prompts], self.ranker.tokenizer.pad_token_id)
@@ -108,16 +108,20 @@ class RcRecommender:
                                        ttft, _ms_since(started), prompt_tokens=len(prompt.input_ids),
                                        candidates=list(prompt.candidate_ids))
 
-    def _prompt(self, history: list[int]) -> RenderedPrompt:
+    def _prompts(self, histories: list[list[int]]) -> list[RenderedPrompt]:
+        """Retrieve candidates for each history, read all their item features in one Feast call, render."""
         template = self.ranker.template
+        plans = [(history[-template.max_history:], self._candidates(history)) for history in histories]
+        info = self._items(list(dict.fromkeys(i for shown, cands in plans for i in shown + cands)))
+        return [render([info[i] for i in shown], [info[i] for i in cands], template,
+                       self.ranker.tokenizer, self.ranker.fingerprint) for shown, cands in plans]
+
+    def _candidates(self, history: list[int]) -> list[int]:
         candidates = self.retriever.candidates(history, self.config.candidates)
         if len(candidates) < self.config.candidates:
             raise NotEnoughCandidatesError(f"the retriever found {len(candidates)} unseen items, "
                                            f"fewer than candidates={self.config.candidates}; lower it")
-        shown = history[-template.max_history:]
-        info = self._items(shown + candidates)
-        return render([info[i] for i in shown], [info[i] for i in candidates], template,
-                      self.ranker.tokenizer, self.ranker.fingerprint)
+        return candidates
 
     def _items(self, item_ids: list[int]) -> dict[int, ItemInfo]:
         cols = self.features.items(item_ids)

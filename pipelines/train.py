@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from rcllm_sdk.model.ranker import PRESETS, Ranker, build_ranker, save_ranker
 from rcllm_sdk.model.scoring import label_logits, pad_batch
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
-from rcllm_sdk.prompt import ItemInfo, PromptTemplate
+from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
 
 from .examples import BlockEncoder, Example, build_examples
@@ -49,7 +49,8 @@ class TrainConfig:
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
-    return [template.item_line(i.item_id, i.title, i.category, i.text, with_text=True).split(">", 1)[-1]
+    """Item lines as prompts show them, without the item tokens (those are added whole)."""
+    return [template.item_line(i.item_id, i.title, i.category, i.text, with_text=True).removeprefix(item_token(i.item_id))
             for i in catalog.values()]
 
 

@@ -72,8 +72,7 @@ class BlockEncoder:
     def encode(self, example: Example) -> tuple[list[int], tuple[int, int]]:
         """Prompt ids and the ``[start, end)`` span of the user-history block."""
         t = self.template
-        recent = [self.catalog[i] for i in example.history[-t.max_history:]]
-        user = self._ids(t.history_header + "".join(t.item_line(i.item_id, i.title, i.category) for i in recent))
+        user = self._ids(t.user_text([self.catalog[i] for i in example.history[-t.max_history:]]))
         ids = self._fixed[t.system] + user
         span = (len(self._fixed[t.system]), len(ids))
         for label, item in zip(self._labels, example.candidates):

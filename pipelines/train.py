@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rcllm_sdk.model.ranker import PRESETS, Ranker, build_ranker, save_ranker
-from rcllm_sdk.model.scoring import label_logits, pad_batch
+from rcllm_sdk.model.scoring import at_last_token, label_logits, pad_batch
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
@@ -97,8 +97,7 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         encoded = [encoder.encode(e) for e in batch]
         ids, mask, lengths = pad_batch([e[0] for e in encoded], tok.pad_token_id)
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        last = hidden[torch.arange(len(batch)), lengths - 1]
-        logits = label_logits(model, last, labels)  # [B, K]
+        logits = label_logits(model, at_last_token(hidden, lengths), labels)  # [B, K]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.target for e in batch]))
         if config.history_lm_weight:
             loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [e[1] for e in encoded])

@@ -110,12 +110,13 @@ def _require_columns(frame: pl.DataFrame, schema: dict, file: Path) -> None:
 def _typed(frame: pl.DataFrame, schema: dict, file: Path, first_line: int, skip: bool,
            skipped: dict[str, int]) -> pl.DataFrame:
     """Cast string columns to ``schema``; a value that does not parse is an error or a counted skip."""
-    checked = frame.with_row_index("_line", offset=first_line).with_columns(
-        pl.any_horizontal(*[_bad_cell(c, d) for c, d in schema.items()]).alias("_bad"))
+    flags = [_bad_cell(c, d).alias(f"_bad_{c}") for c, d in schema.items()]
+    checked = frame.with_row_index("_line", offset=first_line).with_columns(flags)
+    checked = checked.with_columns(pl.any_horizontal(*[f"_bad_{c}" for c in schema]).alias("_bad"))
     n_bad = int(checked["_bad"].sum())
     if n_bad and not skip:
         row = checked.filter(pl.col("_bad")).row(0, named=True)
-        col = next(c for c, d in schema.items() if _cell_is_bad(c, row[c], d))
+        col = next(c for c in schema if row[f"_bad_{c}"])
         raise DataFormatError(f"{file}:{row['_line']}: column {col!r} has invalid value {row[col]!r} "
                               f"(expected {_dtype_name(schema[col])}); fix the file or pass --skip-bad-rows")
     if n_bad:
@@ -128,18 +129,6 @@ def _bad_cell(col: str, dtype) -> pl.Expr:
     if dtype == pl.Utf8:
         return pl.col(col).is_null() if col in ("item_id", "title") else pl.lit(False)
     return pl.col(col).is_null() | pl.col(col).str.strip_chars().cast(dtype, strict=False).is_null()
-
-
-def _cell_is_bad(col: str, value, dtype) -> bool:
-    if value is None:
-        return dtype != pl.Utf8 or col in ("item_id", "title")
-    if dtype == pl.Utf8:
-        return False
-    try:
-        int(str(value).strip())
-        return False
-    except ValueError:
-        return True
 
 
 def _dtype_name(dtype) -> str:

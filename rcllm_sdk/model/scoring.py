@@ -17,11 +17,14 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask, lengths
 
 
+def at_last_token(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H]`` -> ``[B, H]``: each right-padded sequence's last real position."""
+    return hidden[torch.arange(len(lengths)), lengths - 1]
+
+
 def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden state at each sequence's last real token: ``[B, hidden]``."""
-    out = model.base_model(input_ids=ids, attention_mask=mask)
-    hidden = out.last_hidden_state  # [B, T, hidden]
-    return hidden[torch.arange(len(lengths)), lengths - 1]
+    return at_last_token(model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, lengths)
 
 
 def label_logits(model, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,7 @@ def block_texts(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo],
     """``(kind, text)`` of every block in prompt order."""
     if len(candidates) > len(template.labels):
         raise ValueError(f"{len(candidates)} candidates but only {len(template.labels)} labels in the template")
-    recent = history[-template.max_history:]
-    user_text = template.history_header + "".join(template.item_line(i.item_id, i.title, i.category) for i in recent)
-    parts = [(SYSTEM, template.system), (USER, user_text)]
+    parts = [(SYSTEM, template.system), (USER, template.user_text(history))]
     for label, item in zip(template.labels, candidates):
         parts.append((LABEL, template.label_line(label)))
         parts.append((ITEM, template.item_line(item.item_id, item.title, item.category, item.text, with_text=True)))

@@ -57,6 +57,11 @@ class PromptTemplate:
             line += ": " + " ".join(text.split()[: self.item_text_words])
         return line.lstrip() + "\n"
 
+    def user_text(self, history) -> str:
+        """The user block: header and the most recent ``max_history`` items (``ItemInfo``-like)."""
+        recent = history[-self.max_history:]
+        return self.history_header + "".join(self.item_line(i.item_id, i.title, i.category) for i in recent)
+
     def label_line(self, label: str) -> str:
         return f"{label}\n"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +21,26 @@ from rcllm_sdk.data.split import TEST
 from rcllm_sdk.ingest import ingest, read_manifest
 from rcllm_sdk.recommender import RcRecommender
 
-from .metrics import paired_difference, rank_of, summarize
+from rcllm_sdk.runtime.policies import DEFAULT_POLICY, parse_policy
+
+from .metrics import METRICS, paired_difference, rank_of, summarize
 from .report import markdown_table
+
+OTHER_POLICIES = ("none", "block_head:4", "block_head:8", "deviation:0.15:1")
 
 
 def evaluate(source: str, path: str | None, out: str | Path | None = None, *, model: str | None = None,
              repo: str | Path | None = None, train_config=None, synthetic=None, max_users: int | None = None,
              timing_samples: int = 200, candidates: int = 20, progress: bool = True, log_mlflow: bool = True,
-             ingest_first: bool = True) -> dict:
+             ingest_first: bool = True, policy: str = DEFAULT_POLICY, other_policies: tuple[str, ...] = OTHER_POLICIES,
+             store: str = "local://") -> dict:
     """Ingest ``source`` (unless ``ingest_first`` is False and ``repo`` is already ingested),
-    train a ranker when ``model`` is None, evaluate, write ``out`` JSON.
+    train a ranker when ``model`` is None, evaluate every mode, write ``out`` JSON.
+
+    Entries under ``results``: ``retriever``; ``full`` (the plain HF forward); ``prefix``;
+    ``rcllm`` (``policy``); ``rcllm:<p>`` for each of ``other_policies``; and the control
+    ``control:wrong_history`` (``rcllm`` with another user's history block), which must
+    disagree with ``full`` visibly for the agreement figures to mean anything.
 
     Example:
         >>> evaluate("movielens", "../shared/data/ml-100k", "ml100k.json")
@@ -41,23 +51,64 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
     training = None
     if model is None:
         model, training = _train(repo, train_config, progress)
-    rec = RcRecommender.from_feature_store(repo, model=model, candidates=candidates)
+    rec = RcRecommender.from_feature_store(repo, model=model, candidates=candidates, mode="full")
     truth = _test_truth(repo, max_users)
     users = sorted(truth)
-    full, retriever = _ranks(rec, users, truth, candidates, progress)
+    full = _ranks(rec, users, truth, candidates, progress)
     manifest = read_manifest(repo)
-    report = {"dataset": manifest["dataset"], "users": len(users),
-              "results": {"retriever": _accuracy(retriever, retriever),
-                          "full": {**_accuracy(full, retriever), **_timing(rec, users[:timing_samples])}}}
-    report["results"]["full"]["ndcg@10_diff_vs_retriever"] = paired_difference(full, retriever)
-    report["config"] = {"candidates": candidates, "model": str(model), "training": training,
-                        "retriever": manifest["retriever"]}
+    results = {"retriever": _accuracy(full.retriever, full.retriever),
+               "full": {**_accuracy(full.ranks, full.retriever), **_timing(rec, users[:timing_samples])}}
+    results["full"]["ndcg@10_diff_vs_retriever"] = paired_difference(full.ranks, full.retriever)
+    per_user = {"full": full.ranks, "retriever": full.retriever}
+    for name, variant in _variants(rec, policy, other_policies, store):
+        with variant:
+            ranked = _ranks(variant, users, truth, candidates, progress, desc=name)
+            results[name] = {**_agreement(ranked, full), **_timing(variant, users[:timing_samples])}
+        per_user[name] = ranked.ranks
+    report = {"dataset": manifest["dataset"], "users": len(users), "results": results,
+              "config": {"candidates": candidates, "model": str(model), "policy": parse_policy(policy).spec,
+                         "store": store, "training": training, "retriever": manifest["retriever"]}}
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     if log_mlflow:
-        _log(report, users, truth, full, retriever, out)
+        _log(report, users, truth, per_user, out)
     print(markdown_table(report))
     return report
+
+
+def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
+    """``(name, recommender)`` of every cached mode evaluated against ``full``."""
+    yield "prefix", rec.with_config(mode="prefix", store=store)
+    yield "rcllm", rec.with_config(mode="rcllm", policy=policy, store=store)
+    for spec in other_policies:
+        yield f"rcllm:{parse_policy(spec).spec}", rec.with_config(mode="rcllm", policy=spec, store=store)
+    yield "control:wrong_history", WrongHistoryRecommender(rec.features, rec.retriever, rec.ranker,
+                                                           replace(rec.config, mode="rcllm", policy=policy, store=store))
+
+
+class WrongHistoryRecommender(RcRecommender):
+    """Control: each user's own candidates, ranked under the next user's history block."""
+
+    def _prompts(self, histories):
+        shown = histories[1:] + histories[:1]
+        template = self.ranker.template
+        plans = [(seen[-template.max_history:], self._candidates(own)) for own, seen in zip(histories, shown)]
+        return self._render(plans)
+
+
+def _agreement(ranked: "Ranked", full: "Ranked") -> dict:
+    """Accuracy of a cached mode, its agreement with ``full`` on the same users, and its
+    NDCG@10 relative to ``full`` with a paired bootstrap interval."""
+    out = _accuracy(ranked.ranks, full.retriever)
+    out["top1_agreement_with_full"] = float(np.mean([a[0] == b[0] for a, b in zip(ranked.top, full.top)]))
+    out["top10_overlap_with_full"] = float(np.mean([len(set(a[:10]) & set(b[:10])) / min(10, len(b))
+                                                    for a, b in zip(ranked.top, full.top)]))
+    diff = paired_difference(ranked.ranks, full.ranks)
+    base = float(METRICS["ndcg@10"](full.ranks).mean()) or float("nan")
+    out["ndcg@10_diff_vs_full"] = diff
+    out["ndcg@10_rel_diff_vs_full"] = {"mean": diff["mean"] / base, "ci": [c / base for c in diff["ci"]]}
+    out["recompute_fraction"] = ranked.recompute_fraction
+    return out
 
 
 def _train(repo: Path, train_config, progress: bool) -> tuple[str, dict]:
@@ -73,16 +124,27 @@ def _test_truth(repo: Path, max_users: int | None) -> dict[int, int]:
     return dict(zip(test["user_id"].to_list(), test["item_id"].to_list()))
 
 
-def _ranks(rec: RcRecommender, users: list[int], truth: dict, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Rank of the truth under the ranker (``full``) and under the retriever's own order."""
-    full, retr = [], []
+@dataclass(slots=True)
+class Ranked:
+    """Per-user outcome of one mode: rank of the truth, ranked item ids, the retriever's rank."""
+
+    ranks: np.ndarray
+    top: list[list[int]]
+    retriever: np.ndarray
+    recompute_fraction: float
+
+
+def _ranks(rec: RcRecommender, users: list[int], truth: dict, k: int, progress: bool, desc: str = "full") -> Ranked:
+    ranks, top, retr, fractions = [], [], [], []
     step = rec.config.batch_size
-    for start in tqdm(range(0, len(users), step), desc="evaluate", disable=not progress, unit="batch"):
+    for start in tqdm(range(0, len(users), step), desc=f"evaluate {desc}", disable=not progress, unit="batch"):
         batch = users[start : start + step]
         for user, result in zip(batch, rec.recommend_batch(batch, k=k)):
-            full.append(rank_of(result.item_ids, truth[user]))
+            ranks.append(rank_of(result.item_ids, truth[user]))
             retr.append(rank_of(result.candidates, truth[user]))
-    return np.array(full), np.array(retr)
+            top.append(result.item_ids)
+            fractions.append(result.cache.recomputed_fraction)
+    return Ranked(np.array(ranks), top, np.array(retr), float(np.mean(fractions)))
 
 
 def _accuracy(ranks: np.ndarray, retriever_ranks: np.ndarray) -> dict:
@@ -107,16 +169,18 @@ def _timing(rec: RcRecommender, users: list[int]) -> dict:
     return out
 
 
-def _log(report: dict, users, truth, full, retriever, out) -> None:
+def _log(report: dict, users, truth, per_user: dict[str, np.ndarray], out) -> None:
     from rcllm_sdk.tracking import log_run
 
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "per_user.csv"
-        pl.DataFrame({"user_id": users, "truth": [truth[u] for u in users],
-                      "rank_full": full, "rank_retriever": retriever}).write_csv(table)
+        columns = {"user_id": users, "truth": [truth[u] for u in users]}
+        columns.update({f"rank_{name}": ranks for name, ranks in per_user.items()})
+        pl.DataFrame(columns).write_csv(table)
         artifacts = {"evaluation": table}
         if out:
             artifacts["report"] = Path(out)
         params = {"dataset": report["dataset"], "users": report["users"], **{k: v for k, v in report["config"].items()
                                                                             if k != "training"}}
         log_run("rcllm-evaluate", params, report["results"], artifacts)
+

@@ -10,7 +10,7 @@ def _cell(entry: dict, name: str) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per result entry: metrics with 95% intervals, then TTFT p50/p95."""
+    """Accuracy of every entry with 95% intervals and TTFT; then how each cached mode agrees with ``full``."""
     head = f"**{report['dataset']}**, {report['users']} test users (metric [95% bootstrap interval])\n\n"
     lines = ["| mode | " + " | ".join(COLUMNS) + " | ttft_ms p50 | ttft_ms p95 |",
              "|---" * (len(COLUMNS) + 3) + "|"]
@@ -22,4 +22,17 @@ def markdown_table(report: dict) -> str:
     if diff:
         tail = (f"\n\nNDCG@10 full − retriever (paired): {diff['mean']:+.4f} "
                 f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]")
-    return head + "\n".join(lines) + tail
+    return head + "\n".join(lines) + tail + agreement_table(report)
+
+
+def agreement_table(report: dict) -> str:
+    rows = [(mode, e) for mode, e in report["results"].items() if "top1_agreement_with_full" in e]
+    if not rows:
+        return ""
+    lines = ["\n\n| mode vs full | recomputed | top-1 agreement | top-10 overlap | NDCG@10 relative diff [95%] |",
+             "|---|---|---|---|---|"]
+    for mode, e in rows:
+        rel = e["ndcg@10_rel_diff_vs_full"]
+        lines.append(f"| {mode} | {e['recompute_fraction']:.3f} | {e['top1_agreement_with_full']:.3f} | "
+                     f"{e['top10_overlap_with_full']:.3f} | {rel['mean']:+.2%} [{rel['ci'][0]:+.2%}, {rel['ci'][1]:+.2%}] |")
+    return "\n".join(lines)

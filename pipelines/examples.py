@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, render
+from rcllm_sdk.prompt.renderer import ITEM, LABEL, QUERY, SYSTEM, USER
 from rcllm_sdk.retrieval import Retriever
 
 
@@ -71,13 +72,19 @@ class BlockEncoder:
 
     def encode(self, example: Example) -> tuple[list[int], tuple[int, int]]:
         """Prompt ids and the ``[start, end)`` span of the user-history block."""
+        ids, layout = self.encode_blocks(example)
+        start = layout[0][1]
+        return ids, (start, start + layout[1][1])
+
+    def encode_blocks(self, example: Example) -> tuple[list[int], list[tuple[str, int]]]:
+        """Prompt ids and the ``(kind, n_tokens)`` of each block, in prompt order."""
         t = self.template
         user = self._ids(t.user_text([self.catalog[i] for i in example.history[-t.max_history:]]))
-        ids = self._fixed[t.system] + user
-        span = (len(self._fixed[t.system]), len(ids))
+        parts = [(SYSTEM, self._fixed[t.system]), (USER, user)]
         for label, item in zip(self._labels, example.candidates):
-            ids = ids + label + self._item(item)
-        return ids + self._fixed[t.query], span
+            parts += [(LABEL, label), (ITEM, self._item(item))]
+        parts.append((QUERY, self._fixed[t.query]))
+        return [i for _, ids in parts for i in ids], [(kind, len(ids)) for kind, ids in parts]
 
 
 def encode(example: Example, catalog: dict[int, ItemInfo], template: PromptTemplate, tokenizer) -> list[int]:

@@ -18,6 +18,7 @@ from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
 
+from .block_mask import block_attention_mask
 from .examples import BlockEncoder, Example, build_examples
 
 
@@ -40,6 +41,10 @@ class TrainConfig:
     # neither made a from-scratch ranker beat the retriever within 3,000 steps.
     shuffle_candidates: bool = False  # random candidate order per example: position carries no signal
     history_lm_weight: float = 0.0  # auxiliary next-token loss over the history block (item dynamics)
+    # Block-aware fine-tuning: train with the attention structure `rcllm` serves with (user and
+    # item blocks see only the system block and themselves; labels and query see everything).
+    block_aware: bool = False
+    item_text_words: int = 0  # description words in each item block (template default: none)
 
     def __post_init__(self):
         if self.size not in PRESETS:
@@ -66,7 +71,7 @@ def train_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    template = template or PromptTemplate()
+    template = template or PromptTemplate(item_text_words=config.item_text_words)
     started = time.perf_counter()
     tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
     ranker = build_ranker(tokenizer, template, PRESETS[config.size], item_vectors, config.seed)
@@ -94,13 +99,16 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
         if config.shuffle_candidates:
             batch = [_shuffled(e, rng) for e in batch]
-        encoded = [encoder.encode(e) for e in batch]
+        encoded = [encoder.encode_blocks(e) for e in batch]
         ids, mask, lengths = pad_batch([e[0] for e in encoded], tok.pad_token_id)
+        if config.block_aware:
+            mask = block_attention_mask([layout for _, layout in encoded], ids.shape[1])
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         logits = label_logits(model, at_last_token(hidden, lengths), labels)  # [B, K]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.target for e in batch]))
         if config.history_lm_weight:
-            loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [e[1] for e in encoded])
+            loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [_user_span(layout)
+                                                                                          for _, layout in encoded])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -117,6 +125,11 @@ def _history_lm_loss(model, hidden: torch.Tensor, ids: torch.Tensor, spans: list
     cols = torch.cat([torch.arange(start, end - 1) for start, end in spans])
     logits = model.get_output_embeddings()(hidden[rows, cols])  # [N, vocab]
     return torch.nn.functional.cross_entropy(logits, ids[rows, cols + 1])
+
+
+def _user_span(layout: list[tuple[str, int]]) -> tuple[int, int]:
+    start = layout[0][1]  # the user block follows the system block
+    return start, start + layout[1][1]
 
 
 def _shuffled(example: Example, rng: np.random.Generator) -> Example:

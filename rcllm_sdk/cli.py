@@ -1,12 +1,14 @@
-"""The ``rcllm`` command line: ingest, train, recommend, evaluate, demo."""
+"""The ``rcllm`` command line: ingest, train, recommend, refresh, evaluate, bench, demo."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
 from .errors import RcLLMError
+from .evaluation.bench_config import DEFAULT_POLICY
 
 DEMO_REPO = "feature_repo"
 
@@ -28,10 +30,8 @@ def cmd_ingest(args) -> None:
 
 def cmd_train(args) -> None:
     from .pipelines.run import train_from_repo
-    from .pipelines.train import TrainConfig
 
-    config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    result = train_from_repo(args.repo, args.out, config)
+    result = train_from_repo(args.repo, args.out, _train_config(args))
     s = result["summary"]
     print(f"trained {s['parameters']:,}-parameter ranker on {s['examples']:,} examples in {s['train_seconds']:.0f} s "
           f"(loss {s['final_loss']:.3f}); saved to {result['model_dir']}; MLflow model {result['model_uri']}")
@@ -40,20 +40,35 @@ def cmd_train(args) -> None:
 def cmd_recommend(args) -> None:
     from .recommender import RcRecommender
 
-    rec = RcRecommender.from_feature_store(args.repo, model=args.model)
-    for user in args.user:
-        r = rec.recommend(user, k=args.k)
-        print(json.dumps({"user_id": r.user_id, "item_ids": r.item_ids, "scores": [round(s, 3) for s in r.scores],
-                          "ttft_ms": round(r.ttft_ms, 2), "e2e_ms": round(r.e2e_ms, 2), "source": r.source}))
+    with RcRecommender.from_feature_store(args.repo, model=args.model, mode=args.mode, policy=args.policy,
+                                          store=args.store) as rec:
+        for user in args.user:
+            r = rec.recommend(user, k=args.k)
+            print(json.dumps({"user_id": r.user_id, "item_ids": r.item_ids, "scores": [round(s, 3) for s in r.scores],
+                              "ttft_ms": round(r.ttft_ms, 2), "e2e_ms": round(r.e2e_ms, 2), "source": r.source,
+                              "mode": r.mode, "cache": asdict(r.cache)}))
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation.evaluate import evaluate
-    from .pipelines.train import TrainConfig
 
-    config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    evaluate(args.source, args.path, args.out, model=args.model, repo=args.repo, train_config=config,
-             synthetic=_synthetic(args), max_users=args.max_users, candidates=args.candidates)
+    evaluate(args.source, args.path, args.out, model=args.model, repo=args.repo, train_config=_train_config(args),
+             synthetic=_synthetic(args), max_users=args.max_users, candidates=args.candidates,
+             policy=args.policy or DEFAULT_POLICY, store=args.store or "local://")
+
+
+def cmd_refresh(args) -> None:
+    from .pipelines.refresh import refresh_repo
+
+    figures = refresh_repo(args.repo, model=args.model, store=args.store, active_days=args.active_days,
+                           force=args.force)
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+def cmd_bench(args) -> None:
+    from .evaluation.bench import run_from_args
+
+    run_from_args(args)
 
 
 def cmd_demo(args) -> None:
@@ -67,6 +82,7 @@ def cmd_demo(args) -> None:
     cmd_train(args)
     print("== recommend")
     args.model, args.user, args.k = None, [1, 2, 3], 5
+    args.mode = args.policy = args.store = None
     cmd_recommend(args)
     print("== evaluate (leave-one-out on the test split)")
     from .evaluation.evaluate import evaluate
@@ -87,11 +103,27 @@ def _data_args(p, users: int, items: int) -> None:
     p.add_argument("--seed", type=int, default=7)
 
 
+def _train_config(args):
+    from .pipelines.train import TrainConfig
+
+    return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       block_aware=args.block_aware, item_text_words=args.item_text_words)
+
+
 def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
     p.add_argument("--size", default=size, help="ranker preset: micro, small, base")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--item-text-words", type=int, default=0,
+                   help="description words in each item block of the trained template (0: title and category)")
+    p.add_argument("--block-aware", action="store_true",
+                   help="train with the block attention structure rcllm serves with (see README)")
+
+
+def _serving_args(p) -> None:
+    p.add_argument("--policy", help=f"rcllm selection policy (default {DEFAULT_POLICY})")
+    p.add_argument("--store", help="block store URL (default local://)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF folder or MLflow URI (default <repo>/data/ranker)")
     p.add_argument("--user", type=int, nargs="+", required=True)
     p.add_argument("--k", type=int, default=10)
+    _serving_args(p)
+    p.add_argument("--mode", choices=["rcllm", "prefix", "full"], help="default: config (rcllm)")
     p.set_defaults(func=cmd_recommend)
     p = sub.add_parser("evaluate", help="leave-one-out evaluation of ranker vs retriever")
     _data_args(p, 2500, 1200)
@@ -123,7 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--max-users", type=int)
     p.add_argument("--candidates", type=int, default=20)
+    _serving_args(p)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("refresh", help="precompute item and active-user block KV into the store")
+    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--model", help="HF folder or MLflow URI (default <repo>/data/ranker)")
+    p.add_argument("--store", default="local://", help="fs:///abs/dir, lm://host:port, redis://host:port, local://")
+    p.add_argument("--active-days", type=float, help="only users active this many days before the newest event")
+    p.add_argument("--force", action="store_true", help="recompute blocks that are already stored")
+    p.set_defaults(func=cmd_refresh)
+    p = sub.add_parser("bench", help="TTFT of full / prefix / rcllm on the reference and long_item workloads")
+    from .evaluation.bench_config import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("demo", help="ingest synthetic data, train, recommend and evaluate (a few minutes)")
     _data_args(p, 600, 400)
     _train_args(p, 150, size="micro", batch_size=16)

@@ -11,8 +11,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .runtime.policies import DEFAULT_POLICY, parse_policy
 
 COLD_START = ("raise", "popular")
+MODES = ("rcllm", "prefix", "full")
+ATTENTION = ("auto", "torch", "triton")
 
 
 @dataclass(slots=True)
@@ -24,14 +27,26 @@ class RecommenderConfig:
         cold_start: ``raise`` (UnknownUserError / EmptyHistoryError) or ``popular`` (most popular items).
         batch_size: prompts per forward in ``recommend_batch``.
         threads: torch CPU threads (0 = leave torch's default).
-        mode: ranking mode; ``full`` is the plain HF forward over the whole prompt.
+        mode: ``rcllm`` (reuse cached block KV, recompute the policy's tokens), ``prefix``
+            (reuse the longest cached token prefix, compute the rest) or ``full`` (the plain HF
+            forward over the whole prompt, caching nothing).
+        policy: which tokens ``rcllm`` recomputes (``full``, ``none``, ``block_head:K``,
+            ``deviation:RATIO[:LAYER]``; see ``rcllm_sdk.runtime.policies``).
+        store: where block KV lives: ``local://`` (LMCache CPU tier, in process), ``fs:///abs/dir``,
+            ``lm://host:port``, ``redis://host:port`` or ``memory://``.
+        attention: ``auto`` (Triton kernel on CUDA, torch elsewhere), ``torch`` or ``triton``.
+        prefix_chunk: tokens per cached chunk in ``prefix`` mode (vLLM's block size is 16).
     """
 
     candidates: int = 20
     cold_start: str = "raise"
     batch_size: int = 16
     threads: int = 0
-    mode: str = "full"
+    mode: str = "rcllm"
+    policy: str = DEFAULT_POLICY
+    store: str = "local://"
+    attention: str = "auto"
+    prefix_chunk: int = 16
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -40,8 +55,13 @@ class RecommenderConfig:
             raise ConfigError(f"cold_start must be one of {COLD_START}, got {self.cold_start!r}")
         if self.batch_size < 1 or self.threads < 0:
             raise ConfigError("batch_size must be >= 1 and threads >= 0")
-        if self.mode != "full":
-            raise ConfigError(f"mode {self.mode!r} is not available; this version serves mode='full'")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.prefix_chunk < 1:
+            raise ConfigError(f"prefix_chunk must be >= 1, got {self.prefix_chunk}")
+        parse_policy(self.policy)  # raises ConfigError on a bad spec
 
     @classmethod
     def resolve(cls, config_file: str | Path | None = None, **overrides) -> "RecommenderConfig":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ from .model.scoring import score_full
 from .model.tokenizer import label_token_ids
 from .prompt import ItemInfo, RenderedPrompt, render
 from .retrieval import Retriever
-from .types import Recommendation
+from .runtime.engine import BlockEngine
+from .types import CacheStats, Recommendation
 
 
 class RcRecommender:
@@ -33,6 +35,29 @@ class RcRecommender:
         if len(labels) < config.candidates:
             raise NotEnoughCandidatesError(f"the template has {len(labels)} labels; set candidates <= {len(labels)}")
         self.label_ids = label_token_ids(ranker.tokenizer, labels)
+        self.engine = None
+        if config.mode != "full":
+            from .cache import open_store  # lazy: LMCache is heavy and only needed when caching
+
+            self.engine = BlockEngine(ranker, open_store(config.store, namespace=ranker.fingerprint),
+                                      config.policy, config.attention, config.prefix_chunk)
+
+    def with_config(self, **overrides) -> "RcRecommender":
+        """A recommender sharing this one's features, retriever and ranker under changed
+        settings, e.g. ``rec.with_config(mode="prefix")``; close it when done."""
+        return RcRecommender(self.features, self.retriever, self.ranker, replace(self.config, **overrides))
+
+    def close(self) -> None:
+        """Release the KV store (remote connections, LMCache workers)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine.store.close()
+
+    def __enter__(self) -> "RcRecommender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_feature_store(cls, repo_path: str | Path, model: str | Path | None = None,
@@ -98,22 +123,37 @@ class RcRecommender:
     def _rank_chunk(self, chunk, k: int, started: float):
         prompts = self._prompts([history for _, _, history in chunk])
         t0 = time.perf_counter()
-        scores = score_full(self.ranker.model, [p.input_ids for p in prompts],
-                            [self.label_ids[: len(p.candidate_ids)] for p in prompts], self.ranker.tokenizer.pad_token_id)
+        scored = self._score(prompts, [self.label_ids[: len(p.candidate_ids)] for p in prompts])
         ttft = _ms_since(t0)
-        for (slot, user, _), prompt, score in zip(chunk, prompts, scores):
+        if self.engine is not None:
+            self.engine.flush()  # blocks computed here are stored before the result returns (counted in e2e)
+        for (slot, user, _), prompt, (score, cache) in zip(chunk, prompts, scored):
             order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
             yield slot, Recommendation(user, [prompt.candidate_ids[i] for i in order],
                                        [float(score[i]) for i in order], [prompt.labels[i] for i in order],
-                                       ttft, _ms_since(started), prompt_tokens=len(prompt.input_ids),
-                                       candidates=list(prompt.candidate_ids))
+                                       ttft, _ms_since(started), mode=self.config.mode,
+                                       prompt_tokens=len(prompt.input_ids), candidates=list(prompt.candidate_ids),
+                                       cache=cache)
+
+    def _score(self, prompts: list[RenderedPrompt], label_ids: list[list[int]]) -> list[tuple[torch.Tensor, CacheStats]]:
+        """Label logits per prompt and its cache figures, in the configured mode."""
+        if self.config.mode == "full":
+            scores = score_full(self.ranker.model, [p.input_ids for p in prompts], label_ids,
+                                self.ranker.tokenizer.pad_token_id)
+            return [(s, CacheStats()) for s in scores]
+        scored = self.engine.score(prompts, label_ids) if self.config.mode == "rcllm" \
+            else self.engine.score_prefix(prompts, label_ids)
+        return [(s.logits, s.cache) for s in scored]
 
     def _prompts(self, histories: list[list[int]]) -> list[RenderedPrompt]:
         """Retrieve candidates for each history, read all their item features in one Feast call, render."""
         template = self.ranker.template
-        plans = [(history[-template.max_history:], self._candidates(history)) for history in histories]
+        return self._render([(history[-template.max_history:], self._candidates(history)) for history in histories])
+
+    def _render(self, plans: list[tuple[list[int], list[int]]]) -> list[RenderedPrompt]:
+        """Prompts of ``(shown history, candidates)`` pairs; one Feast read for all their items."""
         info = self._items(list(dict.fromkeys(i for shown, cands in plans for i in shown + cands)))
-        return [render([info[i] for i in shown], [info[i] for i in cands], template,
+        return [render([info[i] for i in shown], [info[i] for i in cands], self.ranker.template,
                        self.ranker.tokenizer, self.ranker.fingerprint) for shown, cands in plans]
 
     def _candidates(self, history: list[int]) -> list[int]:

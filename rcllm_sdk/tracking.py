@@ -19,7 +19,7 @@ def _mlflow():
 def flat_metrics(tree: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
     """Numeric leaves of a nested dict as ``a.b.c`` names (lists ``[lo, hi]`` become ``_lo``/``_hi``)."""
     for key, value in tree.items():
-        name = f"{prefix}{key}".replace("@", "_at_")
+        name = f"{prefix}{key}".replace("@", "_at_").replace(":", "_")  # MLflow names allow neither
         if isinstance(value, dict):
             yield from flat_metrics(value, f"{name}.")
         elif isinstance(value, bool):

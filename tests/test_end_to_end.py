@@ -1,6 +1,8 @@
 """Generate -> ingest (Feast) -> train a micro ranker -> recommend -> evaluate, on a temp-dir repo."""
 import json
+from pathlib import Path
 
+import jsonschema
 import polars as pl
 import pytest
 
@@ -89,6 +91,14 @@ def test_evaluate_writes_the_report(trained_repo, tmp_path):
             assert metric in entry["in_candidates"]
     assert full["recall@10"] <= retr["in_candidates"]["users"] / saved["users"] + 1e-9
     assert full["ttft_ms_p50"] > 0 and "ttft_ms_p99" not in full  # p99 needs >= 100 samples
+    schema = json.loads((Path(__file__).parents[1] / "evaluation" / "schemas" / "evaluate.schema.json").read_text())
+    jsonschema.validate(saved, schema)
+    results = saved["results"]
+    assert {"prefix", "rcllm", "rcllm:none", "control:wrong_history"} <= set(results)
+    assert results["prefix"]["top1_agreement_with_full"] == 1.0  # exact reuse: the same rankings
+    assert results["prefix"]["top10_overlap_with_full"] == 1.0
+    assert results["rcllm:none"]["recompute_fraction"] < results["rcllm"]["recompute_fraction"] < 1.0
+    assert saved["config"]["policy"] == "block_head:2"
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
 from .template import PromptTemplate
@@ -84,14 +84,29 @@ def render(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template
         >>> p.input_ids == tokenizer(full_text, add_special_tokens=False)["input_ids"]
         True
     """
-    parts = block_texts(history, candidates, template)
+    blocks = encode_blocks(block_texts(history, candidates, template), tokenizer, fingerprint)
+    labels = tuple(template.labels[: len(candidates)])
+    return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
+
+
+def encode_blocks(parts: Sequence[tuple[str, str]], tokenizer: Tokenizer, fingerprint: str) -> list[Block]:
+    """Tokenise ``(kind, text)`` parts into consecutive blocks (spans start at 0)."""
     encoded = tokenizer([text for _, text in parts], add_special_tokens=False)["input_ids"]
     blocks, start = [], 0
     for (kind, _), ids in zip(parts, encoded):
         blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids)))
         start += len(ids)
-    labels = tuple(template.labels[: len(candidates)])
-    return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
+    return blocks
+
+
+def cacheable_blocks(histories: Sequence[Sequence[ItemInfo]], items: Sequence[ItemInfo], template: PromptTemplate,
+                     tokenizer: Tokenizer, fingerprint: str) -> list[Block]:
+    """The system block, one user block per history and one item block per item, exactly as
+    prompts contain them (same token ids, so the same content hashes)."""
+    parts = [(SYSTEM, template.system)]
+    parts += [(USER, template.user_text(list(h))) for h in histories]
+    parts += [(ITEM, template.item_line(i.item_id, i.title, i.category, i.text, with_text=True)) for i in items]
+    return [replace(b, start=0) for b in encode_blocks(parts, tokenizer, fingerprint)]
 
 
 def full_text(history, candidates, template: PromptTemplate) -> str:

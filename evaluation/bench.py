@@ -1,0 +1,362 @@
+"""``rcllm bench``: TTFT of ``full``, ``prefix`` and ``rcllm`` (per policy), interleaved in one run.
+
+Two workloads (``WORKLOADS``): ``reference`` (20 candidates, item blocks of about 64 tokens,
+50-item histories) and ``long_item`` (50 candidates, item blocks of about 128 tokens). The
+model has random weights (timing only; accuracy is ``rcllm evaluate``'s job) and is sized
+so that compute dominates. Requests come from a seeded stream: candidates drawn by Zipf
+popularity, a share of repeat users whose history grew since their last visit.
+
+Warm cache: before timing, the refresh pipeline's work is done for both cached modes —
+every block a request needs is precomputed for ``rcllm``, and the token prefix up to the
+end of the user block (system + history) is stored for ``prefix``, its most generous
+realistic state. Cold cache: the store holds nothing of the request; each mode's writes are
+deleted after it ran. ``full`` is the plain Hugging Face forward. Ratios are ratios of p50s.
+
+Only numpy, torch, transformers and tokenizers are imported, so the same file runs on a
+bare GPU machine (``--device cuda --store memory://``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcllm_sdk.model.ranker import Ranker
+from rcllm_sdk.model.scoring import score_full
+from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
+from rcllm_sdk.prompt import ItemInfo, PromptTemplate, render
+from rcllm_sdk.prompt.renderer import USER, cacheable_blocks
+from rcllm_sdk.runtime.engine import BlockEngine
+from rcllm_sdk.runtime.policies import parse_policy
+from rcllm_sdk.runtime.refresh import refresh_blocks
+
+from .bench_config import (MODELS, WORKLOADS, BenchConfig, Request, StreamConfig, Workload, add_arguments,
+                           config_from_args)
+
+
+# ---- the synthetic world ---------------------------------------------------------------------
+def bench_catalog(n_items: int, description_words: int, seed: int) -> dict[int, ItemInfo]:
+    """Items with pseudo-word titles and category-specific description text (numpy only)."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ra", "ten", "vo", "shi", "dun", "pel", "qua", "zor", "bel", "nim", "tor"]
+    word = lambda: "".join(rng.choice(syllables, rng.integers(2, 4)))
+    categories = [f"Genre{c}" for c in range(12)]
+    vocab = [[word() for _ in range(60)] for _ in categories]
+    catalog = {}
+    for item in range(1, n_items + 1):
+        cat = int(rng.integers(len(categories)))
+        title = " ".join(word().capitalize() for _ in range(rng.integers(2, 4)))
+        text = " ".join(rng.choice(vocab[cat], description_words))
+        catalog[item] = ItemInfo(item, title, categories[cat], text)
+    return catalog
+
+
+def request_stream(config: StreamConfig, workload: Workload, n: int, salt: int) -> list[Request]:
+    """``n`` requests: new users with ``history`` items, or repeat users whose history grew."""
+    rng = np.random.default_rng([config.seed, salt])
+    weights = 1.0 / np.arange(1, config.items + 1) ** config.zipf_exponent
+    popularity = rng.permutation(weights / weights.sum())  # which items are popular is random
+    draw = lambda k, seen: _zipf_unseen(rng, popularity, k, seen)
+    histories: dict[int, list[int]] = {}
+    requests = []
+    while len(requests) < n:
+        if histories and rng.random() < config.repeat_user_rate:
+            user = int(rng.choice(list(histories)))
+            grow = int(rng.integers(config.history_growth[0], config.history_growth[1] + 1))
+            histories[user] = histories[user] + draw(grow, set(histories[user]))
+        else:
+            user = len(histories) + 1
+            histories[user] = draw(workload.history, set())
+        history = histories[user][-workload.history:]
+        requests.append(Request(user, history, draw(workload.candidates, set(histories[user]))))
+    return requests
+
+
+def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[int]:
+    p = popularity.copy()
+    p[[i - 1 for i in seen]] = 0.0
+    return [int(i) + 1 for i in rng.choice(len(p), size=k, replace=False, p=p / p.sum())]
+
+
+# ---- model, tokenizer, template --------------------------------------------------------------
+def build_bench_ranker(config: BenchConfig, workloads: list[Workload]) -> tuple[Ranker, dict[str, PromptTemplate], dict]:
+    """Tokenizer trained on the catalogue, random-weight model, one template per workload."""
+    longest = max(w.item_tokens for w in workloads)
+    catalog = bench_catalog(config.stream.items, 2 * longest, config.stream.seed)
+    base = PromptTemplate(max_history=max(w.history for w in workloads), item_text_words=longest)
+    texts = [base.item_line(i.item_id, i.title, i.category, i.text, True) for i in list(catalog.values())[:1500]]
+    tokenizer = train_tokenizer([t.split(">", 1)[1] for t in texts], catalog.keys(), base, vocab_size=4000)
+    templates = {w.name: _template_for(w, catalog, tokenizer) for w in workloads}
+    spec = dict(MODELS[config.model])
+    family = spec.pop("family")
+    model = _random_model(family, spec, len(tokenizer), tokenizer, config)
+    digest = hashlib.blake2b(json.dumps([config.model, spec, config.stream.seed]).encode(), digest_size=8).hexdigest()
+    return Ranker(model, tokenizer, base, f"bench{digest}"), templates, catalog
+
+
+def _template_for(workload: Workload, catalog, tokenizer) -> PromptTemplate:
+    """Pick the description length that makes item blocks about ``item_tokens`` long."""
+    sample = list(catalog.values())[:200]
+    words = workload.item_tokens
+    for _ in range(4):
+        template = PromptTemplate(max_history=workload.history, item_text_words=words)
+        lines = [template.item_line(i.item_id, i.title, i.category, i.text, True) for i in sample]
+        mean = np.mean([len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]])
+        words = max(1, int(round(words * workload.item_tokens / mean)))
+    return PromptTemplate(max_history=workload.history, item_text_words=words)
+
+
+def _random_model(family: str, spec: dict, vocab: int, tokenizer, config: BenchConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(config.stream.seed)
+    hf_config = config_cls(vocab_size=vocab, max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id,
+                           tie_word_embeddings=False, **spec)
+    dtype = _dtype(config)
+    model = model_cls(hf_config).to(device=config.device, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _dtype(config: BenchConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
+    return getattr(torch, config.dtype)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+class RecordingStore:
+    """Wraps a store; remembers every key written so a cold-cache run can forget them."""
+
+    def __init__(self, store):
+        self.inner, self.written = store, set()
+
+    def batched_put(self, items):
+        self.written.update(k for k, _ in items)
+        self.inner.batched_put(items)
+
+    def batched_get(self, keys):
+        return self.inner.batched_get(keys)
+
+    def batched_contains(self, keys):
+        return self.inner.batched_contains(keys)
+
+    def forget(self) -> None:
+        for key in self.written:
+            self.inner.delete(key)
+        self.written.clear()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _timed(fn, device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000.0, result
+
+
+def _mode_runners(engine: BlockEngine, config: BenchConfig):
+    """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes)``."""
+    model, pad = engine.ranker.model, engine.ranker.tokenizer.pad_token_id
+
+    def full(prompt, labels):
+        score_full(model, [prompt.input_ids], [labels], pad)
+        return 1.0, 0.0, 0
+
+    def prefix(prompt, labels):
+        cache = engine.score_prefix([prompt], [labels])[0].cache
+        return cache.recomputed_fraction, 1.0 - cache.recomputed_fraction, cache.kv_bytes_read
+
+    def rcllm(policy):
+        def run(prompt, labels):
+            cache = engine.score([prompt], [labels], policy)[0].cache
+            return cache.recomputed_fraction, 0.0, cache.kv_bytes_read
+        return run
+
+    runners = {"full": full, "prefix": prefix, "rcllm": rcllm(parse_policy(config.policy))}
+    for spec in config.other_policies:
+        runners[f"rcllm:{parse_policy(spec).spec}"] = rcllm(parse_policy(spec))
+    return runners
+
+
+def _measure(engine, prompts, labels, runners, store: RecordingStore, device: str, cold: bool, progress) -> dict:
+    samples = {name: [] for name in runners}
+    names = list(runners)
+    for n, (prompt, label_ids) in enumerate(zip(prompts, labels)):
+        order = names[n % len(names):] + names[: n % len(names)]  # rotate: no mode always goes first
+        for name in order:
+            ms, figures = _timed(lambda: runners[name](prompt, label_ids), device)
+            samples[name].append((ms, *figures))
+            engine.flush()  # write-back runs beside the request (as LMCache's does); not part of TTFT
+            if cold:
+                store.forget()
+        progress(n + 1, len(prompts))
+    return {name: _summary(rows, len(prompts[0].input_ids)) for name, rows in samples.items()}
+
+
+def _summary(rows, _tokens) -> dict:
+    ms = np.array([r[0] for r in rows])
+    out = {"n": len(ms), "ttft_ms_p50": float(np.percentile(ms, 50)), "ttft_ms_p95": float(np.percentile(ms, 95)),
+           "ttft_ms_mean": float(ms.mean()), "recompute_fraction": float(np.mean([r[1] for r in rows])),
+           "prefix_hit_fraction": float(np.mean([r[2] for r in rows])),
+           "kv_bytes_read_mean": float(np.mean([r[3] for r in rows]))}
+    if len(ms) >= 100:
+        out["ttft_ms_p99"] = float(np.percentile(ms, 99))
+    return out
+
+
+def _ratios(modes: dict) -> dict:
+    rc = modes["rcllm"]["ttft_ms_p50"]
+    out = {"full_over_rcllm": modes["full"]["ttft_ms_p50"] / rc, "prefix_over_rcllm": modes["prefix"]["ttft_ms_p50"] / rc,
+           "full_over_prefix": modes["full"]["ttft_ms_p50"] / modes["prefix"]["ttft_ms_p50"]}
+    for name, m in modes.items():
+        if name.startswith("rcllm:"):
+            out[f"prefix_over_{name}"] = modes["prefix"]["ttft_ms_p50"] / m["ttft_ms_p50"]
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    workloads = [WORKLOADS[name] for name in config.workloads]
+    ranker, templates, catalog = build_bench_ranker(config, workloads)
+    from rcllm_sdk.cache import open_store  # lazy: the store backends are optional on a bare GPU machine
+
+    store = RecordingStore(open_store(config.store, namespace=ranker.fingerprint))
+    engine = BlockEngine(ranker, store, config.policy, config.attention)
+    report = {"machine": machine(config), "model": {"preset": config.model, **MODELS[config.model],
+                                                   "dtype": str(_dtype(config)).removeprefix("torch."),
+                                                   "parameters": sum(p.numel() for p in ranker.model.parameters())},
+              "stream": asdict(config.stream), "policy": parse_policy(config.policy).spec, "workloads": {}}
+    try:
+        for salt, workload in enumerate(workloads):
+            report["workloads"][workload.name] = _run_workload(engine, store, ranker, templates[workload.name],
+                                                               catalog, workload, config, salt, progress)
+    finally:
+        store.close()
+    if out:
+        write_report(report, Path(out))
+    return report
+
+
+def _run_workload(engine, store, ranker, template, catalog, workload: Workload, config: BenchConfig, salt: int,
+                  progress: bool) -> dict:
+    engine.ranker = Ranker(ranker.model, ranker.tokenizer, template, ranker.fingerprint)
+    n_warm, n_cold = config.warm_samples[workload.name], config.cold_samples[workload.name]
+    requests = request_stream(config.stream, workload, n_warm + n_cold, salt)
+    prompts = [render([catalog[i] for i in r.history], [catalog[i] for i in r.candidates], template,
+                      ranker.tokenizer, ranker.fingerprint) for r in requests]
+    labels = label_token_ids(ranker.tokenizer, template.labels[: workload.candidates])
+    labels = [labels] * len(prompts)
+    runners = _mode_runners(engine, config)
+    show = _progress_printer(workload.name, progress)
+    _warmup(engine, runners, prompts[0], labels[0], store, config.device)
+    cold = _measure(engine, prompts[n_warm:], labels[n_warm:], runners, store, config.device, True,
+                    lambda i, n: show("cold", i, n))
+    _prepare_warm(engine, prompts[:n_warm], template, ranker, requests[:n_warm], catalog, progress)
+    warm = _measure(engine, prompts[:n_warm], labels[:n_warm], runners, store, config.device, False,
+                    lambda i, n: show("warm", i, n))
+    tokens = [len(p.input_ids) for p in prompts]
+    return {"candidates": workload.candidates, "history_items": workload.history,
+            "item_block_tokens_mean": float(np.mean([len(b.token_ids) for p in prompts for b in p.blocks
+                                                      if b.kind == "item"])),
+            "prompt_tokens_p50": float(np.median(tokens)), "warm_samples": n_warm, "cold_samples": n_cold,
+            "modes": warm, "ratios": _ratios(warm), "cold": {"modes": cold, "ratios": _ratios(cold)}}
+
+
+def _warmup(engine, runners, prompt, labels, store: RecordingStore, device: str) -> None:
+    """One untimed pass per mode (allocator, thread pools), then forget its writes."""
+    for run in runners.values():
+        _timed(lambda: run(prompt, labels), device)
+    engine.flush()
+    store.forget()
+
+
+def _prepare_warm(engine, prompts, template, ranker, requests, catalog, progress: bool) -> None:
+    """What the refresh pipeline keeps stored: every block (rcllm) and each user's
+    system+history token prefix (prefix caching)."""
+    blocks = cacheable_blocks([[catalog[i] for i in r.history] for r in requests],
+                              [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
+                              template, ranker.tokenizer, ranker.fingerprint)
+    refresh_blocks(engine, blocks, progress=progress)
+    for prompt in prompts:
+        end = next(b.end for b in prompt.blocks if b.kind == USER)
+        engine.store_prefix(prompt.input_ids[:end])
+    engine.flush()
+    engine.store.written.clear()  # these stay: they are the warm state
+
+
+def _progress_printer(name: str, enabled: bool):
+    def show(phase, i, n):
+        if enabled:
+            print(f"\r{name} {phase}: {i}/{n} requests", end="\n" if i == n else "", flush=True)
+    return show
+
+
+def machine(config: BenchConfig) -> dict:
+    import os
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": config.device}
+    if config.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---- output ----------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    lines = ["| workload | mode | warm p50 ms | warm p95 ms | cold p50 ms | recomputed | prefix hit | full / mode | prefix / mode |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, w in report["workloads"].items():
+        full, prefix = w["modes"]["full"]["ttft_ms_p50"], w["modes"]["prefix"]["ttft_ms_p50"]
+        for mode, m in w["modes"].items():
+            cold = w["cold"]["modes"][mode]["ttft_ms_p50"]
+            lines.append(f"| {name} | {mode} | {m['ttft_ms_p50']:.1f} | {m['ttft_ms_p95']:.1f} | {cold:.1f} | "
+                         f"{m['recompute_fraction']:.3f} | {m['prefix_hit_fraction']:.3f} | "
+                         f"{full / m['ttft_ms_p50']:.2f}x | {prefix / m['ttft_ms_p50']:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rcllm bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def run_from_args(args) -> int:
+    config = config_from_args(args)
+    print("stream:", json.dumps(asdict(config.stream)))
+    report = run_bench(config, args.out)
+    print(markdown(report))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,529 @@
+"""Accuracy-gate sweep: can a from-scratch ranker learn to beat its retriever, and is there room to?
+
+A benchmark script, not part of the SDK's request path. The GPU half needs only torch,
+transformers and numpy (the device machine has no feast/polars/mlflow); the rest uses the package.
+
+``export`` (CPU): ingests the synthetic default when ``--repo`` is not ingested yet, builds
+the cross-fitted training examples exactly as ``rcllm train`` does, trains the tokenizer, and
+saves token ids of every prompt piece plus the validation users' (cross-fitted candidates) and
+test users' (serving retriever, retriever order; identical to the served prompts) candidates::
+
+    python pipelines/gate_sweep.py export --repo /tmp/gate_repo --out bench_out/gate/data.pt
+
+``sweep`` (GPU): trains one round of ``CONFIGS`` as parallel processes on one GPU, each for
+``--budget`` seconds (curricula and learning rate follow the fraction of the budget used, or
+of ``steps`` when given), evaluates NDCG@10 of the ranker against the retriever's own order on
+the same 20 candidates with a paired bootstrap interval, writes ``$OUT/results.json`` and
+``$OUT/train.log``::
+
+    python pipelines/gate_sweep.py sweep --round 1 --data bench_out/gate/data.pt --out $OUT --budget 330
+
+``headroom`` (CPU): NDCG@10 of rankers that know the synthetic generator's mechanism, on the
+same test candidates: the ceiling any learned ranker can reach::
+
+    python pipelines/gate_sweep.py headroom --repo /tmp/gate_repo
+
+Terms: a *hint* example's query names the answer ("The user picked <i42>. Which candidate ...
+Answer:"), so the model only has to find the label in front of that item; the hint
+probability holds at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of
+training). The *K schedule* shows each example the truth plus K-1 of its other candidates, K
+growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxiliary losses of
+:func:`binding_losses`. Measured results: README, "What the ranker learns".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+K = 20
+HINT = "The user picked {item}. "
+
+# name -> settings; unnamed settings take DEFAULTS. order: "shuffle" (always), "retriever"
+# (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
+DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
+                k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0)
+CONFIGS = {
+    "ctrl_shuffle_small": dict(),
+    "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
+    "hint_retr_small": dict(hint_hold=0.1, hint_end=0.5, order="retriever_after_hint"),
+    "k_shuffle_small": dict(k_end=0.5),
+    "hintk_shuffle_small": dict(hint_hold=0.1, hint_end=0.5, k_end=0.3),
+    "hintk_shuffle_micro": dict(size="micro", hint_hold=0.1, hint_end=0.5, k_end=0.3),
+    "hintk_shuffle_base": dict(size="base", lr=1e-3, hint_hold=0.1, hint_end=0.5, k_end=0.3),
+    "hintk_retr_small": dict(hint_hold=0.1, hint_end=0.5, k_end=0.3, order="retriever_after_hint"),
+    "hintk_shuffle_small_b128": dict(batch=128, hint_hold=0.1, hint_end=0.5, k_end=0.3),
+    "hintk_shuffle_small_lr1e-3": dict(lr=1e-3, hint_hold=0.1, hint_end=0.5, k_end=0.3),
+    # round 2: auxiliary losses that supervise the binding directly (see binding_losses). No GPU
+    # was lent for this round; bindcand_micro ran on CPU: `worker ... --config '{"size": "micro",
+    # "bind": 1, "cand": 1, "steps": 1500}'`.
+    "bind_small": dict(bind=1.0),
+    "bindcand_small": dict(bind=1.0, cand=1.0),
+    "bindcand_retr_small": dict(bind=1.0, cand=1.0, order="retriever"),
+    "bindcand_micro": dict(size="micro", bind=1.0, cand=1.0),
+    "bindcand_base": dict(size="base", lr=1e-3, bind=1.0, cand=1.0),
+    "bindcand_small_b128": dict(batch=128, bind=1.0, cand=1.0),
+    "bindcand_hintk_small": dict(bind=1.0, cand=1.0, hint_hold=0.1, hint_end=0.4, k_end=0.2),
+    "cand_small": dict(cand=1.0),
+    "bindcand_small_bind0.3": dict(bind=0.3, cand=1.0),
+}
+ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:]}
+SIZES = {"micro": (64, 2, 2, 1, 128), "small": (128, 4, 4, 2, 384), "base": (256, 6, 8, 4, 768)}
+
+
+# ---------------------------------------------------------------- export (CPU, package)
+
+def export(repo: Path, out: Path) -> None:
+    import polars as pl
+
+    from rcllm_sdk.data.split import TEST, TRAIN, VAL, histories
+    from rcllm_sdk.ingest import ingest, read_manifest
+    from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
+    from rcllm_sdk.pipelines.examples import build_examples
+    from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
+    from rcllm_sdk.pipelines.train import tokenizer_corpus
+    from rcllm_sdk.prompt import PromptTemplate, item_token
+    from rcllm_sdk.retrieval import Retriever
+
+    if not (repo / "data" / "dataset.json").exists():
+        ingest("synthetic", None, repo)
+    manifest, catalog, template = read_manifest(repo), catalog_from_repo(repo), PromptTemplate()
+    tok = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, 4000)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    item_ids = sorted(catalog)
+    dense = {i: n for n, i in enumerate(item_ids)}
+    groups = cross_fitted_groups(repo, manifest)
+    examples, stats = build_examples(groups, K, max_examples=10**7, seed=0)
+    user_ids = lambda hist: ids(template.user_text([catalog[i] for i in hist[-template.max_history:]]))  # noqa: E731
+
+    inter = pl.read_parquet(repo / "data" / "interactions.parquet")
+    served = {u: list(s) for u, s, _ in histories(inter, exclude=(TEST,)).iter_rows()}
+    train_h = {u: list(s) for u, s, _ in histories(inter.filter(pl.col("split") == TRAIN), exclude=()).iter_rows()}
+    truth = {split: dict(inter.filter(pl.col("split") == split).select("user_id", "item_id").iter_rows())
+             for split in (VAL, TEST)}
+    serving = Retriever.load(repo / "data" / "retriever.npz")
+    folds = len(groups)
+
+    def users(split, hist, retriever_of):
+        rows = []
+        for u in sorted(truth[split]):
+            cands = retriever_of(u).candidates(hist[u], K)
+            t = truth[split][u]
+            rows.append((user_ids(hist[u]), [dense[c] for c in cands], cands.index(t) if t in cands else -1))
+        return rows
+
+    val = users(VAL, train_h, lambda u: groups[u % folds][1])
+    test = users(TEST, served, lambda u: serving)
+    prefix, suffix = HINT.split("{item}")
+    sample = HINT.format(item=item_token(item_ids[0])) + template.query
+    hint_prefix, hint_suffix = ids(prefix), ids(suffix + template.query)
+    assert ids(sample) == hint_prefix + ids(item_token(item_ids[0])) + hint_suffix, "hint query does not split"
+    train = [(user_ids(e.history), [dense[c] for c in e.candidates], e.target) for e in examples]
+    data = {
+        "meta": {"vocab": len(tok), "pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
+                 "stats": stats, "template": template.to_dict(), "hint": HINT},
+        "system": ids(template.system), "query": ids(template.query), "hint_prefix": hint_prefix,
+        "hint_suffix": hint_suffix, "label_blocks": [ids(template.label_line(x)) for x in template.labels[:K]],
+        "label_ids": label_token_ids(tok, template.labels[:K]),
+        "item_lines": [ids(template.item_line(i, catalog[i].title, catalog[i].category, catalog[i].text, True))
+                       for i in item_ids],
+        "item_tokens": [tok.convert_tokens_to_ids(item_token(i)) for i in item_ids],
+        "item_vectors": torch.tensor(np.stack([serving.embeddings[serving.index[i]] for i in item_ids])),
+        "train": train, "val": val, "test": test,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, out)
+    hit = lambda rows: np.mean([r[2] >= 0 for r in rows])  # noqa: E731
+    print(f"exported {len(train)} training examples ({stats}), val {len(val)} (hit {hit(val):.3f}), "
+          f"test {len(test)} (hit {hit(test):.3f}) to {out}")
+
+
+# ---------------------------------------------------------------- headroom (CPU, package)
+
+def headroom(repo: Path) -> None:
+    """Test-user NDCG@10 of mechanism-aware rankers vs the retriever on the serving candidates."""
+    import polars as pl
+
+    from rcllm_sdk.data import synthetic as syn
+    from rcllm_sdk.data.split import TEST, TRAIN, histories
+    from rcllm_sdk.evaluation.metrics import paired_difference
+    from rcllm_sdk.retrieval import Retriever
+
+    cfg = syn.SyntheticConfig()  # the default world; replay its draws to recover each user's habits
+    rng = np.random.default_rng(cfg.seed)
+    items, series_of, part_of = syn._build_items(cfg, rng)
+    cat = np.array([syn._CATEGORIES.index(c) for c in items["category"]])
+    popularity = syn._popularity(cfg, rng)
+    walker = syn._UserWalker(cat, series_of, part_of, popularity, rng)
+    habits = {}
+    for user in range(1, cfg.n_users + 1):  # the same draws, in the same order, as synthetic.generate
+        pref = rng.dirichlet(np.full(cfg.n_categories, 0.25))
+        p_seq, p_stay = rng.choice([0.05, 0.9]), rng.choice([0.1, 0.7])
+        walker.walk(int(rng.integers(cfg.min_len, cfg.max_len + 1)), pref, p_seq, p_stay)
+        rng.integers(0, 86_400 * 30)
+        habits[user] = (pref, p_seq, p_stay)
+    inter = pl.read_parquet(repo / "data" / "interactions.parquet")
+    counts = np.bincount(inter.filter(pl.col("split") == TRAIN)["item_id"].to_numpy() - 1, minlength=len(cat)) + 1.0
+    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
+    retriever = Retriever.load(repo / "data" / "retriever.npz")
+    sequel = walker.sequel  # 0-based item -> its next part, or -1
+    ranks = {name: [] for name in ("retriever", "true habits", "estimated habits", "sequel>category>retriever")}
+    for user, hist, _ in histories(inter, exclude=(TEST,)).iter_rows():
+        cands = retriever.candidates(list(hist), K)
+        h, c = [i - 1 for i in hist], np.array(cands) - 1
+        t = cands.index(truth[user]) if truth[user] in cands else -1
+        est = _estimated_habits(h, cat, sequel, cfg.n_categories)
+        scores = {"true habits": _next_item_probability(h, c, cat, sequel, popularity, *habits[user]),
+                  "estimated habits": _next_item_probability(h, c, cat, sequel, counts, *est),
+                  "sequel>category>retriever": 2.0 * (c == sequel[h[-1]]) + (cat[c] == cat[h[-1]]) - 0.01 * np.arange(K)}
+        ranks["retriever"].append(t)
+        for name, score in scores.items():
+            ranks[name].append(int(np.flatnonzero(np.argsort(-score, kind="stable") == t)[0]) if t >= 0 else -1)
+    base = np.array(ranks.pop("retriever"))
+    print(f"retriever NDCG@10 {ndcg10(base).mean():.4f}; truth in candidates {np.mean(base >= 0):.3f}")
+    for name, r in ranks.items():
+        d = paired_difference(np.array(r), base)
+        print(f"{name}: NDCG@10 {ndcg10(np.array(r)).mean():.4f}, diff {d['mean']:+.4f} "
+              f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ndcg10(np.array(r)).mean() / ndcg10(base).mean() - 1:+.1%}")
+
+
+def _next_item_probability(hist, cands, cat, sequel, popularity, pref, p_seq, p_stay) -> np.ndarray:
+    """P(next = each candidate | history) under the generator's mechanism (synthetic.py)."""
+    seen, last = set(hist), hist[-1]
+    has_sequel = sequel[last] >= 0 and sequel[last] not in seen
+    p_seq = p_seq if has_sequel else 0.0
+    unseen = np.ones(len(cat), bool)
+    unseen[list(seen)] = False
+    mass = np.bincount(cat[unseen], weights=popularity[unseen], minlength=len(pref))  # per category
+    pick = popularity[cands] / np.maximum(mass[cat[cands]], 1e-12)
+    other = (p_stay * (cat[cands] == cat[last]) + (1 - p_stay) * pref[cat[cands]]) * pick
+    return (1 - p_seq) * other + p_seq * (cands == sequel[last])
+
+
+def _estimated_habits(hist, cat, sequel, n_categories: int) -> tuple[np.ndarray, float, float]:
+    """Posterior-mean habits from the history alone (the priors of synthetic.generate)."""
+    log_seq, log_stay = np.zeros(2), np.zeros(2)
+    seq_values, stay_values = np.array([0.05, 0.9]), np.array([0.1, 0.7])
+    for n in range(1, len(hist)):
+        a, b = hist[n - 1], hist[n]
+        open_sequel = sequel[a] >= 0 and sequel[a] not in hist[:n]
+        if open_sequel:
+            log_seq += np.log(seq_values if b == sequel[a] else 1 - seq_values)
+        if not (open_sequel and b == sequel[a]):
+            same = cat[a] == cat[b]
+            log_stay += np.log(stay_values + (1 - stay_values) / n_categories if same
+                               else (1 - stay_values) * (n_categories - 1) / n_categories)
+    post = lambda logs, values: float(values @ (np.exp(logs - logs.max()) / np.exp(logs - logs.max()).sum()))  # noqa: E731
+    pref = np.bincount(cat[hist], minlength=n_categories) + 0.25
+    return pref / pref.sum(), post(log_seq, seq_values), post(log_stay, stay_values)
+
+
+# ---------------------------------------------------------------- sweep (GPU, torch + transformers)
+
+def build_model(data: dict, size: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter = SIZES[size]
+    meta = data["meta"]
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=meta["vocab"], hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                         max_position_embeddings=4096, bos_token_id=meta["bos"], eos_token_id=meta["eos"],
+                         pad_token_id=meta["pad"], tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    emb = model.get_input_embeddings().weight
+    vectors = data["item_vectors"].float()  # [n_items, dim]
+    gen = torch.Generator().manual_seed(seed)
+    projection = torch.linalg.qr(torch.randn(emb.shape[1], vectors.shape[1], generator=gen))[0]  # [hidden, dim]
+    scale = emb.detach().std() * (emb.shape[1] ** 0.5)
+    with torch.no_grad():  # the same init as rcllm_sdk.model.ranker._init_item_embeddings
+        emb[data["item_tokens"]] = 0.5 * emb[data["item_tokens"]] + scale * (vectors @ projection.T)
+    return model
+
+
+def prompt_ids(data: dict, user: list[int], cands: list[int], hint_item: int | None,
+               spans: list | None = None) -> list[int]:
+    """Token ids of one prompt; appends each item block's ``(start, end)`` to ``spans`` when given."""
+    ids = data["system"] + user
+    for k, c in enumerate(cands):
+        ids.extend(data["label_blocks"][k])
+        if spans is not None:
+            spans.append((len(ids), len(ids) + len(data["item_lines"][c])))
+        ids.extend(data["item_lines"][c])
+    if hint_item is None:
+        return ids + data["query"]
+    return ids + data["hint_prefix"] + [data["item_tokens"][hint_item]] + data["hint_suffix"]
+
+
+def pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    return ids.to(device), mask.to(device), lengths.to(device)
+
+
+def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = False):
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+    last = hidden[torch.arange(len(lengths), device=ids.device), lengths - 1]  # [B, H]
+    head = model.get_output_embeddings().weight[data["label_ids"][:k]]  # [k, H]
+    scores = last.float() @ head.float().T  # [B, k]
+    return (scores, hidden, head) if with_hidden else scores
+
+
+def binding_losses(hidden, head, spans: list[list[tuple[int, int]]], targets: list[int]):
+    """Binding: every token of candidate j's item block predicts label j (softmax over the K labels).
+    Candidate: the last token of each item block scores its own label; softmax over candidates."""
+    device = hidden.device
+    rows = [b for b, sp in enumerate(spans) for s, e in sp for _ in range(s, e)]
+    cols = [p for sp in spans for s, e in sp for p in range(s, e)]
+    labels = [j for sp in spans for j, (s, e) in enumerate(sp) for _ in range(s, e)]
+    logits = hidden[rows, cols].float() @ head.float().T  # [N, k]
+    binding = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=device))
+    ends = torch.tensor([[e - 1 for s, e in sp] for sp in spans], device=device)  # [B, k]
+    last = hidden[torch.arange(len(spans), device=device)[:, None], ends].float()  # [B, k, H]
+    own = (last * head.float()[None]).sum(-1)  # [B, k]: own-label logit of each candidate
+    candidate = torch.nn.functional.cross_entropy(own, torch.tensor(targets, device=device))
+    return binding, candidate
+
+
+def schedules(cfg: dict, progress: float) -> tuple[float, int, bool]:
+    """(hint probability, K, shuffled) at this fraction of training."""
+    if cfg["hint_end"] <= 0 or progress >= cfg["hint_end"]:
+        p_hint = 0.0
+    elif progress < cfg["hint_hold"]:
+        p_hint = 1.0
+    else:
+        p_hint = 1.0 - (progress - cfg["hint_hold"]) / (cfg["hint_end"] - cfg["hint_hold"])
+    k = K
+    if cfg["k_end"] > 0 and progress < cfg["k_end"]:
+        k = int(round(cfg["k_start"] + (K - cfg["k_start"]) * progress / cfg["k_end"]))
+    order = cfg["order"]
+    shuffled = order == "shuffle" or (order == "retriever_after_hint" and p_hint > 0)
+    return p_hint, min(k, K), shuffled
+
+
+def sample_batch(data, rng, cfg, progress):
+    p_hint, k, shuffled = schedules(cfg, progress)
+    seqs, targets, hinted, spans = [], [], [], []
+    for n in rng.integers(0, len(data["train"]), cfg["batch"]):
+        user, cands, target = data["train"][n]
+        keep = np.sort(np.concatenate([[target], rng.choice([i for i in range(K) if i != target], k - 1, replace=False)]))
+        if shuffled:
+            keep = rng.permutation(keep)
+        hint = rng.random() < p_hint
+        spans.append([])
+        seqs.append(prompt_ids(data, user, [cands[i] for i in keep], cands[target] if hint else None, spans[-1]))
+        targets.append(int(np.flatnonzero(keep == target)[0]))
+        hinted.append(hint)
+    return seqs, targets, hinted, k, spans
+
+
+def ndcg10(ranks: np.ndarray) -> np.ndarray:
+    return np.where((ranks >= 0) & (ranks < 10), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+def _ranks(scores: torch.Tensor, truth: list[int]) -> list[int]:
+    order = torch.argsort(scores, dim=1, descending=True, stable=True).cpu().numpy()
+    return [int(np.flatnonzero(o == t)[0]) if t >= 0 else -1 for o, t in zip(order, truth)]
+
+
+def _versus_retriever(ranks: np.ndarray, retr: np.ndarray) -> dict:
+    diff = ndcg10(ranks) - ndcg10(retr)
+    boot = np.random.default_rng(0).integers(0, len(diff), (1000, len(diff)))
+    means = diff[boot].mean(axis=1)
+    ranker, base = ndcg10(ranks).mean(), ndcg10(retr).mean()
+    return {"ndcg10": float(ranker), "retriever_ndcg10": float(base), "diff": float(diff.mean()),
+            "diff_ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "relative": float(ranker / base - 1), "same_order_as_retriever": float(np.mean(ranks == retr))}
+
+
+@torch.no_grad()
+def evaluate(model, data, rows, device, batch: int = 256) -> dict:
+    """Rank of the truth under the ranker (last-position label logits, as served) and under retriever
+    order: NDCG@10 and the paired bootstrap interval of the difference. ``per_candidate`` ranks by
+    each item block's own-label logit at its last token (what the candidate loss trains)."""
+    model.eval()
+    ranks, cand_ranks, ce = [], [], []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        spans = [[] for _ in chunk]
+        seqs = [prompt_ids(data, u, c, None, sp) for (u, c, _), sp in zip(chunk, spans)]
+        ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            scores, hidden, head = label_scores(model, data, ids, mask, lengths, K, with_hidden=True)
+        ends = torch.tensor([[e - 1 for _, e in sp] for sp in spans], device=device)  # [B, K]
+        own = (hidden[torch.arange(len(chunk), device=device)[:, None], ends].float() * head.float()[None]).sum(-1)
+        truth = [t for _, _, t in chunk]
+        ranks += _ranks(scores, truth); cand_ranks += _ranks(own, truth)
+        hits = [b for b, t in enumerate(truth) if t >= 0]
+        ce += torch.nn.functional.cross_entropy(scores[hits].float().cpu(), torch.tensor([truth[b] for b in hits]),
+                                                reduction="none").tolist()
+    model.train()
+    retr = np.array([t for _, _, t in rows])
+    return {**_versus_retriever(np.array(ranks), retr), "label_ce": float(np.mean(ce)),
+            "per_candidate": _versus_retriever(np.array(cand_ranks), retr)}
+
+
+def train_step(model, opt, data: dict, cfg: dict, rng, progress: float, step: int, device) -> dict:
+    """One optimiser step; returns the losses it saw (label CE split by hint, auxiliary CEs)."""
+    seqs, targets, hinted, k, spans = sample_batch(data, rng, cfg, progress)
+    ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
+    warm = min(1.0, (step + 1) / cfg["warmup"])
+    for group in opt.param_groups:  # warmup, then cosine to 10% over the budget
+        group["lr"] = cfg["lr"] * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        scores, hidden, head = label_scores(model, data, ids, mask, lengths, k, with_hidden=True)
+    losses = torch.nn.functional.cross_entropy(scores, torch.tensor(targets, device=device), reduction="none")
+    total, seen = losses.mean(), {"k": k}
+    if cfg["bind"] or cfg["cand"]:
+        binding, candidate = binding_losses(hidden, head, spans, targets)
+        total = total + cfg["bind"] * binding + cfg["cand"] * candidate
+        seen["aux"] = (binding, candidate)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    seen["losses"], seen["hinted"] = losses.detach(), torch.tensor(hinted, device=device)
+    return seen
+
+
+def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
+    """Train one configuration for ``budget`` seconds (or ``cfg['steps']``), then evaluate it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(0)
+    model = build_model(data, cfg["size"]).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, fused=device.type == "cuda")
+    started, step, progress = time.perf_counter(), 0, 0.0
+    plain, hinted_ce, aux = [], [], []
+    checkpoints, next_check = {}, 0.5
+    while progress < 1.0:
+        seen = train_step(model, opt, data, cfg, rng, progress, step, device)
+        step += 1
+        if step % 50 == 0:  # sample the losses (each read is a device sync)
+            lv, h = seen["losses"], seen["hinted"]
+            plain.append(float(lv[~h].mean()) if (~h).any() and seen["k"] == K else float("nan"))
+            hinted_ce.append(float(lv[h].mean()) if h.any() else float("nan"))
+            aux += [tuple(x.item() for x in seen["aux"])] if "aux" in seen else []
+        if step % 500 == 0:
+            p_hint, _, shuffled = schedules(cfg, progress)
+            log(f"{name} step {step} progress {progress:.2f} K {seen['k']} p_hint {p_hint:.2f} shuffled {shuffled} "
+                f"CE(no hint, K=20) {np.nanmean(plain[-10:]):.3f} CE(hint) {np.nanmean(hinted_ce[-10:]):.3f} "
+                f"binding/candidate CE {np.mean(aux[-10:], axis=0) if aux else '-'}")
+        elapsed = time.perf_counter() - started
+        progress = min(1.0, step / cfg["steps"]) if cfg["steps"] else elapsed / budget
+        if next_check <= progress < 1.0:
+            checkpoints[f"{next_check:.2f}"] = {"step": step, "val": evaluate(model, data, data["val"], device)}
+            log(f"{name} checkpoint {next_check:.2f} step {step} val {json.dumps(checkpoints[f'{next_check:.2f}']['val'])}")
+            next_check += 0.25
+    seconds = time.perf_counter() - started
+    result = {"name": name, "config": cfg, "steps": step, "train_seconds": seconds,
+              "steps_per_second": step / seconds, "checkpoints": checkpoints,
+              "val": evaluate(model, data, data["val"], device), "test": evaluate(model, data, data["test"], device)}
+    log(f"{name} done steps {step} in {seconds:.0f}s test {json.dumps(result['test'])}")
+    return result
+
+
+def worker(args) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", "Mean of empty slice")
+    data = torch.load(args.data, weights_only=False)
+    cfg = {**DEFAULTS, **json.loads(args.config)}
+    if args.eval_users:  # smoke tests: evaluate on the first users only
+        data["val"], data["test"] = data["val"][: args.eval_users], data["test"][: args.eval_users]
+    log_file = open(args.log, "a", buffering=1)
+
+    def log(line: str) -> None:
+        log_file.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+
+    try:
+        result = train_one(args.name, cfg, data, args.budget, log)
+    except Exception as exc:  # report, so the launcher's table shows it
+        log(f"{args.name} FAILED {exc!r}")
+        raise
+    Path(args.result).write_text(json.dumps(result, indent=2))
+
+
+def sweep(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else ROUNDS[args.round]
+    procs = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "worker", "--name", name, "--config", json.dumps(CONFIGS[name]),
+               "--data", args.data, "--budget", str(args.budget), "--log", str(out / "train.log"),
+               "--result", str(tmp / f"{name}.json"), "--eval-users", str(args.eval_users)]
+        procs[name] = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = {}
+    while procs:
+        time.sleep(5)
+        for name, proc in list(procs.items()):
+            if proc.poll() is not None:
+                del procs[name]
+                f = tmp / f"{name}.json"
+                results[name] = json.loads(f.read_text()) if f.exists() else {"name": name, "failed": proc.returncode}
+                (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    rows = ["| config | steps | test NDCG@10 | retriever | diff [95% CI] | relative | val diff | label CE (test hits) "
+            "| per-candidate NDCG@10 (diff) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "test" not in r:
+            rows.append(f"| {name} | failed | | | | | | | |")
+            continue
+        t, v = r["test"], r["val"]
+        rows.append(f"| {name} | {r['steps']} | {t['ndcg10']:.4f} | {t['retriever_ndcg10']:.4f} | {t['diff']:+.4f} "
+                    f"[{t['diff_ci'][0]:+.4f}, {t['diff_ci'][1]:+.4f}] | {t['relative']:+.1%} | {v['diff']:+.4f} | "
+                    f"{t['label_ce']:.3f} | {t['per_candidate']['ndcg10']:.4f} ({t['per_candidate']['diff']:+.4f}) |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export")
+    p.add_argument("--repo", default="/tmp/gate_repo")
+    p.add_argument("--out", default="bench_out/gate/data.pt")
+    p = sub.add_parser("headroom")
+    p.add_argument("--repo", default="/tmp/gate_repo")
+    p = sub.add_parser("sweep")
+    p.add_argument("--data", default="bench_out/gate/data.pt")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))
+    p.add_argument("--tmp", default="/tmp/gate_sweep")
+    p.add_argument("--budget", type=float, default=330.0, help="training seconds per configuration")
+    p.add_argument("--only", help="comma-separated configuration names")
+    p.add_argument("--round", type=int, default=2, help="which round of CONFIGS to run (1: curricula, 2: binding losses)")
+    p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N users only (smoke test)")
+    p = sub.add_parser("worker")
+    for flag in ("--name", "--config", "--data", "--log", "--result"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--eval-users", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        export(Path(args.repo), Path(args.out))
+    elif args.command == "headroom":
+        headroom(Path(args.repo))
+    elif args.command == "sweep":
+        sweep(args)
+    else:
+        worker(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""KV block store: per-block KV tensors under 64-bit content-hash keys, one namespace per model.
+
+    >>> from rcllm_sdk.cache import open_store
+    >>> store = open_store("redis://127.0.0.1:6379", namespace=model_fingerprint, timeout_s=1.0)
+    >>> store.batched_put([(block.content_hash, kv)])     # kv: [2, L, T, W]
+    >>> store.batched_get([block.content_hash])           # [tensor] or [None]
+
+URLs:
+    memory://[NAME]                  in-process dict (tests); NAME shares one space across stores
+    local://                         LMCache CPU tier (StorageManager's LocalCPUBackend), LRU
+    fs:///abs/dir                    CPU tier + LMCache fs connector: survives the process
+    lm://HOST:PORT                   CPU tier + LMCache server (python -m lmcache.v1.server HOST PORT)
+    redis://HOST:PORT                CPU tier + one Redis node
+
+Importing this package does not import lmcache; opening an LMCache store does.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from .base import BlockStore, StoreStats
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # goes into LMCache's key string (no '@', '/', '%')
+
+
+def open_store(url: str, namespace: str, **options) -> BlockStore:
+    """Open the block store at ``url``; keys live under ``namespace`` (the model fingerprint).
+
+    Args:
+        url: ``memory://``, ``local://``, ``fs:///abs/dir``, ``lm://host:port`` or ``redis://host:port``.
+        namespace: 1-64 characters from ``[A-Za-z0-9._-]``; stores of different namespaces never
+            see each other's values, even on one server.
+        **options: LMCache stores: ``max_local_cpu_gb`` (0.5), ``timeout_s`` (2.0), ``retry_s`` (5.0).
+
+    Raises:
+        ConfigError: unknown scheme or option, malformed URL or namespace.
+
+    Example:
+        >>> with open_store("local://", "0123456789abcdef", max_local_cpu_gb=0.1) as store:
+        ...     store.put(7, kv)
+    """
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ConfigError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}")
+    parts = urlsplit(url)
+    if parts.scheme == "memory":
+        _reject(options, set(), url)
+        from .memory import MemoryStore
+
+        return MemoryStore(url, namespace, space=parts.netloc + parts.path)
+    if parts.scheme not in ("local", "fs", "lm", "redis"):
+        raise ConfigError(f"unknown KV store URL {url!r}; use memory://, local://, fs:///abs/dir, lm://host:port "
+                          "or redis://host:port")
+    return _open_lmcache(url, parts, namespace, options)
+
+
+def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
+    from .lmcache_store import LMCacheOptions, LMCacheStore
+
+    try:
+        import lmcache  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{url!r} is an LMCache store and lmcache is not importable ({e}); "
+                          "install the package's dependencies (make install) or use memory://") from e
+    _reject(options, {f.name for f in fields(LMCacheOptions)}, url)
+    opts = LMCacheOptions(**options)
+    remote = None
+    if parts.scheme == "local" and (parts.netloc or parts.path):
+        raise ConfigError(f"a local store URL is just local://, got {url!r}")
+    if parts.scheme == "fs":
+        if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+            raise ConfigError(f"fs store URL must be fs:///absolute/dir, got {url!r}")
+        remote = _compat().lmcache_url(url, opts.timeout_s)
+    elif parts.scheme in ("lm", "redis"):
+        if not parts.hostname or _port(parts) is None:
+            raise ConfigError(f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {url!r}")
+        remote = _compat().lmcache_url(url, opts.timeout_s)
+    return LMCacheStore(url, namespace, remote, opts)
+
+
+def _port(parts) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
+
+
+def _compat():
+    from . import lmcache_compat
+
+    return lmcache_compat
+
+
+def _reject(options: dict, known: set[str], url: str) -> None:
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} for {url!r}; known: {sorted(known)}")
+
+
+__all__ = ["BlockStore", "StoreStats", "open_store"]

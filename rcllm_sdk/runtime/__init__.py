@@ -1,0 +1,1 @@
+"""Beyond-prefix KV reuse: block KV at canonical positions, assembly, selective recompute."""

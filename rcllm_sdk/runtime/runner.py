@@ -1,0 +1,117 @@
+"""Partial prefill: run only selected tokens through the decoder over an assembled KV cache.
+
+Several requests are packed along the token axis (see ``kernels/attention.py`` for the
+layout). Per layer, the selected rows get fresh q/k/v from their hidden states, their K/V
+overwrite the assembled cache in place, and they attend over every key of their request
+that is causally visible by position. Unselected tokens keep the cached K/V they came with.
+With every token selected this is exactly the model's own forward (tested against HF).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rcllm_sdk.kernels.attention import selective_attention
+
+from .model_view import ModelView, apply_rope
+
+
+@dataclass(slots=True)
+class PackedBatch:
+    """The assembled cache of one or more requests and the rows to compute.
+
+    Attributes:
+        kv: ``[2, layers, N, kv_heads, head_dim]``; overwritten in place at selected rows.
+        positions: ``[N]`` absolute position of every token.
+        token_ids: ``[N]`` token ids (only selected rows are embedded).
+        cu_k: ``[B+1]`` request b owns tokens ``cu_k[b]:cu_k[b+1]``.
+        selected: ``[n]`` token indices to compute, ascending, grouped by request.
+        cu_q: ``[B+1]`` request b owns selected rows ``cu_q[b]:cu_q[b+1]``.
+        pinned: ``[n]`` bool, rows a narrowing policy must keep (fresh tokens).
+    """
+
+    kv: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    cu_k: torch.Tensor
+    selected: torch.Tensor
+    cu_q: torch.Tensor
+    pinned: torch.Tensor
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        """The index tensors on ``device`` (``kv`` is already there: it is filled in place)."""
+        return PackedBatch(self.kv, *(t.to(device) for t in (self.positions, self.token_ids, self.cu_k, self.selected,
+                                                               self.cu_q, self.pinned)))
+
+
+@dataclass(slots=True, frozen=True)
+class Narrowing:
+    """CacheBlend-style selection made inside the forward: every row runs through
+    ``check_layer``; there each request keeps its pinned rows plus the ``ratio`` of its other
+    rows whose fresh K/V deviate most from the cached K/V; later layers run only those."""
+
+    ratio: float
+    check_layer: int
+
+
+@torch.inference_mode()
+def run_selected(view: ModelView, batch: PackedBatch, narrowing: Narrowing | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-norm hidden state of the last selected row of every request, ``[B, hidden]``,
+    and the number of selected rows per request that ran every layer, ``[B]``."""
+    kv, selected, cu_q, pinned = batch.kv, batch.selected, batch.cu_q, batch.pinned
+    hidden = view.base.embed_tokens(batch.token_ids[selected])
+    positions = batch.positions[selected]
+    cos, sin = view.rope(positions, hidden)
+    for index, layer in enumerate(view.layers):
+        check = narrowing is not None and index == narrowing.check_layer
+        hidden, deviation = _layer(view, layer, index, hidden, kv, batch, selected, positions, cos, sin, cu_q,
+                                   backend, measure=check)
+        if check:
+            keep = _most_deviating(deviation, pinned, cu_q, narrowing.ratio)
+            hidden, selected, positions, cos, sin, pinned = (t[keep] for t in (hidden, selected, positions, cos,
+                                                                             sin, pinned))
+            cu_q = _offsets(keep, cu_q)
+    last = cu_q[1:] - 1
+    return view.base.norm(hidden[last]), cu_q[1:] - cu_q[:-1]
+
+
+def _layer(view: ModelView, layer, index: int, hidden, kv, batch: PackedBatch, selected, positions, cos, sin,
+           cu_q, backend: str, measure: bool):
+    attn, n = layer.self_attn, hidden.shape[0]
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(n, view.n_heads, view.head_dim)
+    k = attn.k_proj(x).view(n, view.n_kv_heads, view.head_dim)
+    v = attn.v_proj(x).view(n, view.n_kv_heads, view.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    deviation = None
+    if measure:
+        deviation = ((k - kv[0, index, selected]).float().square().sum((1, 2))
+                     + (v - kv[1, index, selected]).float().square().sum((1, 2)))
+    kv[0, index, selected] = k
+    kv[1, index, selected] = v
+    out = selective_attention(q, kv[0, index], kv[1, index], positions, batch.positions, cu_q, batch.cu_k,
+                              attn.scaling, backend=backend)
+    hidden = hidden + attn.o_proj(out.reshape(n, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, deviation
+
+
+def _most_deviating(deviation: torch.Tensor, pinned: torch.Tensor, cu_q: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Row indices kept after the check layer: pinned rows plus each request's top ``ratio``."""
+    keep = pinned.clone()
+    bounds = cu_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        free = torch.nonzero(~pinned[start:end]).flatten() + start
+        count = int(round(ratio * len(free)))
+        if count:
+            keep[free[torch.topk(deviation[free], count).indices]] = True
+    return torch.nonzero(keep).flatten()
+
+
+def _offsets(kept_rows: torch.Tensor, cu_q: torch.Tensor) -> torch.Tensor:
+    """New ``cu_q`` after keeping ``kept_rows`` (ascending) of the old rows."""
+    return torch.searchsorted(kept_rows, cu_q)

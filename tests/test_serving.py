@@ -1,0 +1,133 @@
+"""Serving with cached KV through the facade: modes against ``full``, cache figures, threads,
+a store that is down, ``rcllm refresh`` and the benchmark's report shape."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rcllm_sdk import RcRecommender
+
+
+def _users(repo, n):
+    import polars as pl
+
+    return pl.read_parquet(repo / "data" / "user_history.parquet")["user_id"].sort().to_list()[:n]
+
+
+def _same_ranking(a, b, atol=1e-4):
+    assert a.item_ids == b.item_ids
+    assert np.allclose(a.scores, b.scores, atol=atol)
+
+
+def test_prefix_and_rcllm_with_full_policy_rank_exactly_as_full(trained_repo):
+    repo, _ = trained_repo
+    users = _users(repo, 6)
+    full = RcRecommender.from_feature_store(repo, mode="full").recommend_batch(users, k=10)
+    for mode, policy in (("prefix", "block_head:4"), ("rcllm", "full")):
+        with RcRecommender.from_feature_store(repo, mode=mode, policy=policy, store="memory://") as rec:
+            cold = rec.recommend_batch(users, k=10)
+            warm = rec.recommend_batch(users, k=10)
+        for f, c, w in zip(full, cold, warm):
+            _same_ranking(c, f)
+            _same_ranking(w, f)
+            assert c.mode == mode and c.cache.hits + c.cache.misses > 0
+            assert w.cache.hits > 0 and w.cache.kv_bytes_read > 0
+
+
+def test_rcllm_serves_from_cached_blocks_and_reports_it(trained_repo):
+    repo, _ = trained_repo
+    user = _users(repo, 1)[0]
+    with RcRecommender.from_feature_store(repo, store="memory://") as rec:  # the default mode and policy
+        first, second = rec.recommend(user), rec.recommend(user)
+    assert rec.config.mode == "rcllm" and first.mode == "rcllm"
+    blocks = 2 + len(first.candidates)  # system, user, one per item
+    assert (first.cache.hits, first.cache.misses) == (0, blocks)
+    assert (second.cache.hits, second.cache.misses) == (blocks, 0)
+    assert 0 < second.cache.recomputed_fraction < 1 and second.cache.kv_bytes_read > 0
+    assert first.item_ids == second.item_ids  # a miss is computed like a stored block: same ranking
+
+
+def test_recommend_is_safe_from_several_threads(trained_repo):
+    repo, _ = trained_repo
+    users = _users(repo, 12)
+    with RcRecommender.from_feature_store(repo, store="memory://") as rec:
+        expected = {u: rec.recommend(u).item_ids for u in users}
+        got, errors = {}, []
+
+        def work(chunk):
+            try:
+                for u in chunk:
+                    got[u] = rec.recommend(u).item_ids
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(users[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and got == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_store_that_is_down_degrades_to_computing(trained_repo):
+    repo, _ = trained_repo
+    users = _users(repo, 3)
+    full = RcRecommender.from_feature_store(repo, mode="full").recommend_batch(users)
+    with RcRecommender.from_feature_store(repo, policy="full", store=f"lm://127.0.0.1:{_free_port()}") as rec:
+        got = rec.recommend_batch(users)
+        assert rec.engine.store.stats.errors > 0
+    for f, g in zip(full, got):
+        _same_ranking(g, f)
+        assert g.cache.hits == 0
+
+
+def test_refresh_fills_a_persistent_store_that_serving_then_hits(trained_repo, tmp_path):
+    from rcllm_sdk.cli import main
+
+    repo, _ = trained_repo
+    store = f"fs://{tmp_path / 'kv'}"
+    assert main(["refresh", "--repo", str(repo), "--store", store]) == 0
+    with RcRecommender.from_feature_store(repo, store=store) as rec:
+        result = rec.recommend(_users(repo, 1)[0])
+    assert result.cache.misses == 0 and result.cache.hits == 2 + len(result.candidates)
+
+
+def test_bench_report_follows_its_schema(tmp_path):
+    import jsonschema
+
+    from rcllm_sdk.evaluation.bench import run_bench
+    from rcllm_sdk.evaluation.bench_config import BenchConfig, StreamConfig, Workload
+
+    config = BenchConfig(model="tiny", warm_samples={"reference": 2, "long_item": 1},
+                         cold_samples={"reference": 1, "long_item": 1}, store="memory://",
+                         other_policies=["none"], stream=StreamConfig(items=300))
+    report = run_bench(config, tmp_path / "bench.json", progress=False)
+    schema = json.loads((Path(__file__).parents[1] / "evaluation" / "schemas" / "bench.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "bench.json").read_text()), schema)
+    assert (tmp_path / "bench.md").read_text().startswith("| workload | mode |")
+    ref = report["workloads"]["reference"]
+    assert set(ref["modes"]) == {"full", "prefix", "rcllm", "rcllm:none"}
+    assert ref["modes"]["full"]["recompute_fraction"] == 1.0
+    assert ref["modes"]["rcllm:none"]["recompute_fraction"] < ref["modes"]["rcllm"]["recompute_fraction"] < 1
+    assert ref["modes"]["prefix"]["prefix_hit_fraction"] > 0  # warm: system + history prefix stored
+    assert ref["cold"]["modes"]["prefix"]["prefix_hit_fraction"] == 0
+    assert 55 <= ref["item_block_tokens_mean"] <= 75
+
+
+def test_default_policy_is_the_same_everywhere():
+    from rcllm_sdk.config import RecommenderConfig
+    from rcllm_sdk.evaluation import bench_config
+    from rcllm_sdk.runtime import policies
+
+    assert bench_config.DEFAULT_POLICY == policies.DEFAULT_POLICY == RecommenderConfig().policy

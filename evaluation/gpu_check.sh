@@ -16,7 +16,7 @@ set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [--cpu]}
 MODE=${2:-gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # e.g. PYTHON=$PWD/.venv/bin/python here
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -27,6 +27,7 @@ for sub in kernels evaluation pipelines; do
   rm -rf "$STAGE/rcllm_sdk/$sub" && cp -r "$ROOT/$sub" "$STAGE/rcllm_sdk/$sub"
 done
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}" LMCACHE_TRACK_USAGE=false HF_HUB_OFFLINE=1
+cd "$STAGE"  # `python -m` puts the working directory first: the checkout's rcllm_sdk/ lacks the mapped folders
 
 status=0
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log, remember failures, carry on

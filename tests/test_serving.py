@@ -131,3 +131,12 @@ def test_default_policy_is_the_same_everywhere():
     from rcllm_sdk.runtime import policies
 
     assert bench_config.DEFAULT_POLICY == policies.DEFAULT_POLICY == RecommenderConfig().policy
+
+
+@pytest.mark.parametrize("name", ["bench", "evaluate"])
+def test_committed_example_reports_follow_their_schemas(name):
+    import jsonschema
+
+    folder = Path(__file__).parents[1] / "evaluation"
+    schema = json.loads((folder / "schemas" / f"{name}.schema.json").read_text())
+    jsonschema.validate(json.loads((folder / "examples" / f"{name}.example.json").read_text()), schema)

@@ -169,21 +169,21 @@ def _timed(fn, device: str):
 
 
 def _mode_runners(engine: BlockEngine, config: BenchConfig):
-    """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes)``."""
+    """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes, misses)``."""
     model, pad = engine.ranker.model, engine.ranker.tokenizer.pad_token_id
 
     def full(prompt, labels):
         score_full(model, [prompt.input_ids], [labels], pad)
-        return 1.0, 0.0, 0
+        return 1.0, 0.0, 0, 0
 
     def prefix(prompt, labels):
         cache = engine.score_prefix([prompt], [labels])[0].cache
-        return cache.recomputed_fraction, 1.0 - cache.recomputed_fraction, cache.kv_bytes_read
+        return cache.recomputed_fraction, 1.0 - cache.recomputed_fraction, cache.kv_bytes_read, cache.misses
 
     def rcllm(policy):
         def run(prompt, labels):
             cache = engine.score([prompt], [labels], policy)[0].cache
-            return cache.recomputed_fraction, 0.0, cache.kv_bytes_read
+            return cache.recomputed_fraction, 0.0, cache.kv_bytes_read, cache.misses
         return run
 
     runners = {"full": full, "prefix": prefix, "rcllm": rcllm(parse_policy(config.policy))}
@@ -212,7 +212,8 @@ def _summary(rows, _tokens) -> dict:
     out = {"n": len(ms), "ttft_ms_p50": float(np.percentile(ms, 50)), "ttft_ms_p95": float(np.percentile(ms, 95)),
            "ttft_ms_mean": float(ms.mean()), "recompute_fraction": float(np.mean([r[1] for r in rows])),
            "prefix_hit_fraction": float(np.mean([r[2] for r in rows])),
-           "kv_bytes_read_mean": float(np.mean([r[3] for r in rows]))}
+           "kv_bytes_read_mean": float(np.mean([r[3] for r in rows])),
+           "cache_misses_mean": float(np.mean([r[4] for r in rows]))}
     if len(ms) >= 100:
         out["ttft_ms_p99"] = float(np.percentile(ms, 99))
     return out
@@ -236,7 +237,10 @@ def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool
     ranker, templates, catalog = build_bench_ranker(config, workloads)
     from rcllm_sdk.cache import open_store  # lazy: the store backends are optional on a bare GPU machine
 
-    store = RecordingStore(open_store(config.store, namespace=ranker.fingerprint))
+    # The CPU tier must hold a workload's blocks (long_item: ~1.3 GB), or evictions turn warm
+    # requests into partly cold ones; the misses column shows whether it did.
+    options = {"max_local_cpu_gb": 4.0} if not config.store.startswith("memory://") else {}
+    store = RecordingStore(open_store(config.store, namespace=ranker.fingerprint, **options))
     engine = BlockEngine(ranker, store, config.policy, config.attention)
     report = {"machine": machine(config), "model": {"preset": config.model, **MODELS[config.model],
                                                    "dtype": str(_dtype(config)).removeprefix("torch."),

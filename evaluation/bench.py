@@ -204,10 +204,10 @@ def _measure(engine, prompts, labels, runners, store: RecordingStore, device: st
             if cold:
                 store.forget()
         progress(n + 1, len(prompts))
-    return {name: _summary(rows, len(prompts[0].input_ids)) for name, rows in samples.items()}
+    return {name: _summary(rows) for name, rows in samples.items()}
 
 
-def _summary(rows, _tokens) -> dict:
+def _summary(rows) -> dict:
     ms = np.array([r[0] for r in rows])
     out = {"n": len(ms), "ttft_ms_p50": float(np.percentile(ms, 50)), "ttft_ms_p95": float(np.percentile(ms, 95)),
            "ttft_ms_mean": float(ms.mean()), "recompute_fraction": float(np.mean([r[1] for r in rows])),

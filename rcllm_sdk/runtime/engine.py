@@ -64,8 +64,9 @@ class BlockEngine:
         policy = policy or self.policy
         found, computed = self.block_kv([b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS])
         kv, stats = self.assemble(prompts, found, computed)
-        masks = [static_selection(policy, *_kinds_lengths(p)) for p in prompts]
-        pinned = torch.cat([fresh_mask(*_kinds_lengths(p))[m] for p, m in zip(prompts, masks)])
+        layouts = [_kinds_lengths(p) for p in prompts]
+        masks = [static_selection(policy, *layout) for layout in layouts]
+        pinned = torch.cat([fresh_mask(*layout)[m] for layout, m in zip(layouts, masks)])
         narrowing = Narrowing(policy.ratio, policy.check_layer) if policy.name == "deviation" else None
         hidden, rows = self._run([p.input_ids for p in prompts], kv, masks, pinned, narrowing)
         for s, n, p in zip(stats, rows.tolist(), prompts):

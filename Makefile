@@ -3,14 +3,15 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# The KV-store tests start their own redis-server (Debian/Ubuntu package); apt via sudo when not root.
+# The KV-store tests start their own redis-server (Debian/Ubuntu package) and make TLS certificates
+# with openssl; apt via sudo when not root.
 SUDO   := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml constraints.txt
-	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	command -v redis-server >/dev/null && command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -139,15 +139,21 @@ class RecordingStore:
     def __init__(self, store):
         self.inner, self.written = store, set()
 
-    def batched_put(self, items):
+    def batched_put(self, items, placement=None):
         self.written.update(k for k, _ in items)
-        self.inner.batched_put(items)
+        return self.inner.batched_put(items, placement)
 
-    def batched_get(self, keys):
-        return self.inner.batched_get(keys)
+    def batched_get(self, keys, placement=None):
+        return self.inner.batched_get(keys, placement)
+
+    def batched_read(self, keys, placement=None):
+        return self.inner.batched_read(keys, placement)
 
     def batched_contains(self, keys):
         return self.inner.batched_contains(keys)
+
+    def batched_stored(self, keys, placement=None):
+        return self.inner.batched_stored(keys, placement)
 
     def forget(self) -> None:
         for key in self.written:
@@ -169,7 +175,8 @@ def _timed(fn, device: str):
 
 
 def _mode_runners(engine: BlockEngine, config: BenchConfig):
-    """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes, misses)``."""
+    """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes, misses)``,
+    and the dict where each rcllm mode leaves its logits of the latest prompt (for the A/B check)."""
     model, pad = engine.ranker.model, engine.ranker.tokenizer.pad_token_id
 
     def full(prompt, labels):
@@ -180,21 +187,31 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
         cache = engine.score_prefix([prompt], [labels])[0].cache
         return cache.recomputed_fraction, 1.0 - cache.recomputed_fraction, cache.kv_bytes_read, cache.misses
 
-    def rcllm(policy):
+    def rcllm(name, policy, scorer=engine):
         def run(prompt, labels):
-            cache = engine.score([prompt], [labels], policy)[0].cache
-            return cache.recomputed_fraction, 0.0, cache.kv_bytes_read, cache.misses
+            scored = scorer.score([prompt], [labels], policy)[0]
+            logits[name] = scored.logits
+            return scored.cache.recomputed_fraction, 0.0, scored.cache.kv_bytes_read, scored.cache.misses
         return run
 
-    runners = {"full": full, "prefix": prefix, "rcllm": rcllm(parse_policy(config.policy))}
+    logits: dict[str, torch.Tensor] = {}  # each rcllm mode's logits for the current prompt
+    runners = {"full": full, "prefix": prefix, "rcllm": rcllm("rcllm", parse_policy(config.policy))}
     for spec in config.other_policies:
-        runners[f"rcllm:{parse_policy(spec).spec}"] = rcllm(parse_policy(spec))
-    return runners
+        name = f"rcllm:{parse_policy(spec).spec}"
+        runners[name] = rcllm(name, parse_policy(spec))
+    if config.ab_attention:  # the default policy again, attention forced to another backend
+        twin = BlockEngine(engine.ranker, engine.store, config.policy, config.ab_attention)
+        name = f"rcllm@{config.ab_attention}"
+        runners[name] = rcllm(name, parse_policy(config.policy), twin)
+    return runners, logits
 
 
-def _measure(engine, prompts, labels, runners, store: RecordingStore, device: str, cold: bool, progress) -> dict:
+def _measure(engine, prompts, labels, runners, logits, store: RecordingStore, device: str, cold: bool,
+             progress) -> dict:
     samples = {name: [] for name in runners}
     names = list(runners)
+    twins = [name for name in names if name.startswith("rcllm@")]
+    diffs = {name: [] for name in twins}
     for n, (prompt, label_ids) in enumerate(zip(prompts, labels)):
         order = names[n % len(names):] + names[: n % len(names)]  # rotate: no mode always goes first
         for name in order:
@@ -203,8 +220,13 @@ def _measure(engine, prompts, labels, runners, store: RecordingStore, device: st
             engine.flush()  # write-back runs beside the request (as LMCache's does); not part of TTFT
             if cold:
                 store.forget()
+        for name in twins:
+            diffs[name].append(float((logits[name].float() - logits["rcllm"].float()).abs().max()))
         progress(n + 1, len(prompts))
-    return {name: _summary(rows) for name, rows in samples.items()}
+    out = {name: _summary(rows) for name, rows in samples.items()}
+    for name in twins:
+        out[name]["max_abs_logit_diff_vs_rcllm"] = max(diffs[name])
+    return out
 
 
 def _summary(rows) -> dict:
@@ -224,8 +246,10 @@ def _ratios(modes: dict) -> dict:
     out = {"full_over_rcllm": modes["full"]["ttft_ms_p50"] / rc, "prefix_over_rcllm": modes["prefix"]["ttft_ms_p50"] / rc,
            "full_over_prefix": modes["full"]["ttft_ms_p50"] / modes["prefix"]["ttft_ms_p50"]}
     for name, m in modes.items():
-        if name.startswith("rcllm:"):
+        if name.startswith(("rcllm:", "rcllm@")):
             out[f"prefix_over_{name}"] = modes["prefix"]["ttft_ms_p50"] / m["ttft_ms_p50"]
+        if name.startswith("rcllm@"):  # the A/B: > 1 means the forced backend was slower
+            out[f"{name}_over_rcllm"] = m["ttft_ms_p50"] / rc
     return out
 
 
@@ -266,13 +290,13 @@ def _run_workload(engine, store, ranker, template, catalog, workload: Workload, 
                       ranker.tokenizer, ranker.fingerprint) for r in requests]
     labels = label_token_ids(ranker.tokenizer, template.labels[: workload.candidates])
     labels = [labels] * len(prompts)
-    runners = _mode_runners(engine, config)
+    runners, logits = _mode_runners(engine, config)
     show = _progress_printer(workload.name, progress)
     _warmup(engine, runners, prompts[0], labels[0], store, config.device)
-    cold = _measure(engine, prompts[n_warm:], labels[n_warm:], runners, store, config.device, True,
+    cold = _measure(engine, prompts[n_warm:], labels[n_warm:], runners, logits, store, config.device, True,
                     lambda i, n: show("cold", i, n))
     _prepare_warm(engine, prompts[:n_warm], template, ranker, requests[:n_warm], catalog, progress)
-    warm = _measure(engine, prompts[:n_warm], labels[:n_warm], runners, store, config.device, False,
+    warm = _measure(engine, prompts[:n_warm], labels[:n_warm], runners, logits, store, config.device, False,
                     lambda i, n: show("warm", i, n))
     tokens = [len(p.input_ids) for p in prompts]
     return {"candidates": workload.candidates, "history_items": workload.history,

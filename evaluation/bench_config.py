@@ -60,6 +60,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "auto"
     attention: str = "auto"
+    ab_attention: str = ""  # also time the default policy with attention forced to this backend
     threads: int = 0
     stream: StreamConfig = field(default_factory=StreamConfig)
 
@@ -78,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--ab-attention", default="", choices=["", "auto", "torch", "triton"],
+                   help="also run the default policy with this attention backend, interleaved (an A/B)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -87,5 +90,6 @@ def config_from_args(args) -> BenchConfig:
                        warm_samples={"reference": args.warm[0], "long_item": args.warm[1]},
                        cold_samples={"reference": args.cold[0], "long_item": args.cold[1]},
                        policy=args.policy, other_policies=args.other_policies, store=args.store,
-                       device=args.device, dtype=args.dtype, attention=args.attention, threads=args.threads,
+                       device=args.device, dtype=args.dtype, attention=args.attention,
+                       ab_attention=args.ab_attention, threads=args.threads,
                        stream=StreamConfig(seed=args.seed))

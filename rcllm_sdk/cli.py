@@ -1,4 +1,4 @@
-"""The ``rcllm`` command line: ingest, train, recommend, refresh, evaluate, bench, demo."""
+"""The ``rcllm`` command line: ingest, train, recommend, refresh, place, evaluate, bench, bench-storage, demo."""
 from __future__ import annotations
 
 import argparse
@@ -65,8 +65,21 @@ def cmd_refresh(args) -> None:
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
+def cmd_place(args) -> None:
+    from .pipelines.place import place_repo
+
+    figures = place_repo(args.repo, args.out, shards=args.shards, method=args.method, new=args.new)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
 def cmd_bench(args) -> None:
     from .evaluation.bench import run_from_args
+
+    run_from_args(args)
+
+
+def cmd_bench_storage(args) -> None:
+    from .evaluation.bench_storage import run_from_args
 
     run_from_args(args)
 
@@ -162,15 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refresh", help="precompute item and active-user block KV into the store")
     p.add_argument("--repo", default=DEMO_REPO)
     p.add_argument("--model", help="HF folder or MLflow URI (default <repo>/data/ranker)")
-    p.add_argument("--store", default="local://", help="fs:///abs/dir, lm://host:port, redis://host:port, local://")
+    p.add_argument("--store", default="local://",
+                   help="fs:///abs/dir, lm://host:port, redis://host:port, cluster:///abs/cluster.json, local://")
     p.add_argument("--active-days", type=float, help="only users active this many days before the newest event")
     p.add_argument("--force", action="store_true", help="recompute blocks that are already stored")
     p.set_defaults(func=cmd_refresh)
+    p = sub.add_parser("place", help="shard map of the item blocks: balanced clusters of the Feast item embeddings")
+    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--out", required=True, help="shard map JSON (an existing one is updated: new items, re-balance)")
+    p.add_argument("--shards", type=int, help="shard count (default 8 for a new map, else the map's own)")
+    p.add_argument("--method", choices=["similarity", "hash"], default="similarity")
+    p.add_argument("--new", action="store_true", help="build a new map instead of updating the one at --out")
+    p.set_defaults(func=cmd_place)
     p = sub.add_parser("bench", help="TTFT of full / prefix / rcllm on the reference and long_item workloads")
     from .evaluation.bench_config import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("bench-storage", help="nodes touched per request by placement; refresh and TTFT with a node down")
+    from .evaluation.bench_storage import add_arguments as add_storage_arguments
+
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_bench_storage)
     p = sub.add_parser("demo", help="ingest synthetic data, train, recommend and evaluate (a few minutes)")
     _data_args(p, 600, 400)
     _train_args(p, 150, size="micro", batch_size=16)

@@ -33,7 +33,8 @@ class RecommenderConfig:
         policy: which tokens ``rcllm`` recomputes (``full``, ``none``, ``block_head:K``,
             ``deviation:RATIO[:LAYER]``; see ``rcllm_sdk.runtime.policies``).
         store: where block KV lives: ``local://`` (LMCache CPU tier, in process), ``fs:///abs/dir``,
-            ``lm://host:port``, ``redis://host:port`` or ``memory://``.
+            ``lm://host:port``, ``redis://host:port``, ``cluster:///abs/cluster.json`` (items sharded
+            over several nodes, see ``rcllm_sdk.cache.cluster``) or ``memory://``.
         attention: ``auto`` (Triton kernel on CUDA, torch elsewhere), ``torch`` or ``triton``.
         prefix_chunk: tokens per cached chunk in ``prefix`` mode (vLLM's block size is 16).
     """

@@ -12,6 +12,9 @@ class CacheStats:
     misses: int = 0
     recomputed_fraction: float = 1.0
     kv_bytes_read: int = 0
+    local_hits: int = 0  # hits served from this process's memory (the CPU tier)
+    remote_bytes: int = 0  # KV bytes fetched from storage nodes
+    nodes_touched: int = 0  # distinct storage nodes that served this request
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from rcllm_sdk.cache.base import LOCAL, MISS, Read
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
@@ -33,11 +34,15 @@ class DictStore:
     def __init__(self):
         self.values: dict[int, torch.Tensor] = {}
 
-    def batched_get(self, keys):
+    def batched_get(self, keys, placement=None):
         return [self.values.get(k) for k in keys]
 
-    def batched_put(self, items):
+    def batched_read(self, keys, placement=None):
+        return [Read(v, LOCAL) if v is not None else Read(None, MISS) for v in self.batched_get(keys)]
+
+    def batched_put(self, items, placement=None):
         self.values.update(items)
+        return []
 
     def batched_contains(self, keys):
         return [k in self.values for k in keys]

@@ -140,3 +140,33 @@ def test_committed_example_reports_follow_their_schemas(name):
     folder = Path(__file__).parents[1] / "evaluation"
     schema = json.loads((folder / "schemas" / f"{name}.schema.json").read_text())
     jsonschema.validate(json.loads((folder / "examples" / f"{name}.example.json").read_text()), schema)
+
+
+def test_place_then_refresh_into_a_cluster_then_serve_from_it(trained_repo, tmp_path):
+    """`rcllm place` from the Feast item view, `rcllm refresh` into a cluster store, then
+    serving reads the blocks from their nodes and ranks as the local store does."""
+    import uuid
+
+    from rcllm_sdk.cache.placement import ShardMap
+    from rcllm_sdk.cli import main
+
+    repo, _ = trained_repo
+    assert main(["place", "--repo", str(repo), "--out", str(tmp_path / "map.json"), "--shards", "3"]) == 0
+    shard_map = ShardMap.load(tmp_path / "map.json")
+    sizes = shard_map.sizes()
+    assert shard_map.method == "similarity" and sizes.max() <= 1.1 * sizes.mean() + 1
+    assert main(["place", "--repo", str(repo), "--out", str(tmp_path / "map.json")]) == 0  # nothing new
+    assert ShardMap.load(tmp_path / "map.json") == shard_map
+    nodes = [f"memory://{uuid.uuid4().hex}" for _ in range(3)]
+    (tmp_path / "cluster.json").write_text(json.dumps({"nodes": nodes, "shard_map": "map.json", "replicas": 1,
+                                                       "local": "memory://"}))
+    url = f"cluster://{tmp_path / 'cluster.json'}"
+    assert main(["refresh", "--repo", str(repo), "--store", url]) == 0
+    user = _users(repo, 1)[0]
+    with RcRecommender.from_feature_store(repo, store=url) as rec:
+        served = rec.recommend(user)
+    with RcRecommender.from_feature_store(repo, store="memory://") as rec:
+        local = rec.recommend(user)
+    _same_ranking(served, local, atol=1e-5)
+    assert served.cache.misses == 0 and served.cache.local_hits == 0
+    assert served.cache.nodes_touched >= 1 and served.cache.remote_bytes == served.cache.kv_bytes_read

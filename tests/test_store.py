@@ -16,7 +16,7 @@ import torch
 from rcllm_sdk.cache import codec, open_store
 from rcllm_sdk.errors import ConfigError
 
-from .servers import free_port, start_lmcache, start_redis
+from rcllm_sdk.cache.local_servers import free_port, start_lmcache, start_redis
 
 BACKENDS = ["memory", "local", "fs", "lm", "redis"]
 SHARED = {"memory", "fs", "lm", "redis"}  # a second store on the same location sees the values

@@ -10,7 +10,10 @@ URLs:
     local://                         LMCache CPU tier (StorageManager's LocalCPUBackend), LRU
     fs:///abs/dir                    CPU tier + LMCache fs connector: survives the process
     lm://HOST:PORT                   CPU tier + LMCache server (python -m lmcache.v1.server HOST PORT)
-    redis://HOST:PORT                CPU tier + one Redis node
+    redis://[USER:PASSWORD@]HOST:PORT  CPU tier + one Redis node (rediss:// for TLS; the password
+                                     never appears in logs or in ``store.url``)
+    cluster:///abs/cluster.json      item blocks sharded over N lm:// / redis:// nodes, the rest
+                                     replicated, one CPU tier in front (see ``cache.cluster``)
 
 Importing this package does not import lmcache; opening an LMCache store does.
 """
@@ -21,7 +24,7 @@ from dataclasses import fields
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
-from .base import BlockStore, StoreStats
+from .base import BlockStore, StoreStats, redact_url
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # goes into LMCache's key string (no '@', '/', '%')
 
@@ -50,10 +53,27 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
         from .memory import MemoryStore
 
         return MemoryStore(url, namespace, space=parts.netloc + parts.path)
-    if parts.scheme not in ("local", "fs", "lm", "redis"):
-        raise ConfigError(f"unknown KV store URL {url!r}; use memory://, local://, fs:///abs/dir, lm://host:port "
-                          "or redis://host:port")
+    if parts.scheme == "cluster":
+        return _open_cluster(url, parts, namespace, options)
+    if parts.scheme not in ("local", "fs", "lm", "redis", "rediss"):
+        raise ConfigError(f"unknown KV store URL {redact_url(url)!r}; use memory://, local://, fs:///abs/dir, "
+                          "lm://host:port, redis://host:port or cluster:///abs/cluster.json")
     return _open_lmcache(url, parts, namespace, options)
+
+
+def _open_cluster(url, parts, namespace: str, options: dict) -> BlockStore:
+    """``cluster:///abs/cluster.json``, or ``cluster://`` with ``config=ClusterConfig(...)``."""
+    from .cluster import ClusterConfig, ClusterStore
+
+    _reject(options, {"config"}, url)
+    config = options.get("config")
+    if config is None:
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ConfigError(f"cluster store URL must be cluster:///absolute/cluster.json, got {url!r}")
+        config = ClusterConfig.from_file(parts.path)
+    elif not isinstance(config, ClusterConfig):
+        raise ConfigError(f"config must be a ClusterConfig, got {type(config).__name__}")
+    return ClusterStore(url, namespace, config)
 
 
 def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
@@ -73,7 +93,7 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
         if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
             raise ConfigError(f"fs store URL must be fs:///absolute/dir, got {url!r}")
         remote = _compat().lmcache_url(url, opts.timeout_s)
-    elif parts.scheme in ("lm", "redis"):
+    elif parts.scheme in ("lm", "redis", "rediss"):
         if not parts.hostname or _port(parts) is None:
             raise ConfigError(f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {url!r}")
         remote = _compat().lmcache_url(url, opts.timeout_s)

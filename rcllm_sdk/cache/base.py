@@ -11,10 +11,14 @@ Semantics every backend keeps (the contract suite in tests/test_store.py checks 
   key counts in ``stats.errors``; the first failure of each kind is logged as a warning on
   the ``rcllm_sdk.cache`` logger, later ones are only counted.
 * ``close`` never hangs; a store is also a context manager.
+* ``placement`` (optional, per key): the item id of an item block, None for anything else.
+  Single-location stores ignore it; a cluster stores item blocks on their shard's node(s)
+  and everything else on every node.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -26,6 +30,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("rcllm_sdk.cache")
 
 MAX_KEY = 2**64
+
+# Where a read came from (``BlockStore.batched_read``).
+LOCAL, REMOTE, MISS, FAULT = "local", "remote", "miss", "fault"
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One key's read: the value (None unless a hit), where it came from (``LOCAL``: this
+    process's memory; ``REMOTE``: a server, ``node`` names it; ``MISS``; ``FAULT``: the backend
+    failed or the value was garbled) and its tensor bytes."""
+
+    value: "torch.Tensor | None"
+    source: str
+    node: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()
 
 
 @dataclass(slots=True)
@@ -63,7 +85,7 @@ class BlockStore(ABC):
     can_delete = True  # False where the backend's protocol has no delete (lm://)
 
     def __init__(self, url: str, namespace: str):
-        self.url, self.namespace = url, namespace
+        self.url, self.namespace = redact_url(url), namespace
         self._stats = StoreStats()
         self._stats_lock = threading.Lock()
         self._logged: set[str] = set()
@@ -84,15 +106,32 @@ class BlockStore(ABC):
     def delete(self, key: int) -> bool:
         """Remove ``key``; True if it was stored and is now gone."""
 
-    def batched_put(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def batched_put(self, items: Sequence[tuple[int, torch.Tensor]],
+                    placement: Sequence[int | None] | None = None) -> list[int]:
+        """Store every ``(key, kv)``; returns the keys that could not be stored (faults)."""
+        failed = []
         for key, kv in items:
+            errors = self.stats.errors
             self.put(key, kv)
+            if self.stats.errors != errors:
+                failed.append(key)
+        return failed
 
-    def batched_get(self, keys: Sequence[int]) -> list[torch.Tensor | None]:
+    def batched_get(self, keys: Sequence[int], placement: Sequence[int | None] | None = None
+                    ) -> list[torch.Tensor | None]:
         return [self.get(key) for key in keys]
+
+    def batched_read(self, keys: Sequence[int], placement: Sequence[int | None] | None = None) -> list[Read]:
+        """``batched_get`` that also says where each value came from (per-request cache stats)."""
+        return [Read(kv, LOCAL) if kv is not None else Read(None, MISS) for kv in self.batched_get(keys)]
 
     def batched_contains(self, keys: Sequence[int]) -> list[bool]:
         return [self.contains(key) for key in keys]
+
+    def batched_stored(self, keys: Sequence[int], placement: Sequence[int | None] | None = None) -> list[bool]:
+        """Whether every copy the store keeps of each key is in place (a cluster: on all the
+        key's nodes). What a refresh checks before skipping a block."""
+        return self.batched_contains(keys)
 
     def close(self) -> None:
         """Release the backend; never hangs. Later calls behave as if the backend were down."""
@@ -127,6 +166,14 @@ class BlockStore(ABC):
         if first:
             logger.warning("KV store %s (namespace %s): %s: %s; further %s failures are only counted "
                            "in stats.errors", self.url, self.namespace, kind, detail, kind)
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def check_key(key: int) -> int:

@@ -19,7 +19,8 @@ import torch
 HEADER_BYTES = 64  # the payload starts 64-byte aligned inside the blob
 MAGIC, VERSION = b"RCKV", 1
 MAX_DIMS = 4
-DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.uint8: 4}  # uint8: small records
+MAX_PAYLOAD_BYTES = 1 << 30  # a header claiming more is rejected before anything is copied
 _CODE_TO_DTYPE = {code: dtype for dtype, code in DTYPES.items()}
 _HEAD = struct.Struct("<4sBBBxQQ4IQ")  # everything the crc covers, in front of it
 _CRC = struct.Struct("<I")
@@ -76,7 +77,7 @@ def decode(blob: torch.Tensor, key: int, ns_tag: int, check_crc: bool = True) ->
     if (magic, version, got_key, got_tag) != (MAGIC, VERSION, key, ns_tag) or code not in _CODE_TO_DTYPE:
         return None
     dtype, shape = _CODE_TO_DTYPE[code], tuple(dims[:ndim]) if 1 <= ndim <= MAX_DIMS else None
-    if shape is None or blob.numel() != HEADER_BYTES + nbytes or _numel(shape) * dtype.itemsize != nbytes:
+    if shape is None or nbytes > MAX_PAYLOAD_BYTES or blob.numel() != HEADER_BYTES + nbytes or _numel(shape) * dtype.itemsize != nbytes:
         return None
     payload = blob[HEADER_BYTES:]
     (crc,) = _CRC.unpack_from(header, _HEAD.size)

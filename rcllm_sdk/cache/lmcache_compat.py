@@ -13,6 +13,7 @@ Nothing from lmcache is imported until a store is opened.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 import threading
@@ -21,6 +22,8 @@ from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import torch
+
+from .base import redact_url
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")  # no usage reports to a remote server
 # LMCache logs every failed call; the store logs the first failure of each kind and counts the rest.
@@ -40,7 +43,7 @@ def lmcache_url(url: str, timeout_s: float) -> str:
         # swallows it (remote_backend.py:157-161), so every put is silently dropped. The fs
         # adapter ignores host and port: give it dummy ones.
         return f"fs://localhost:1{parts.path}"
-    if parts.scheme == "redis":
+    if parts.scheme in ("redis", "rediss"):
         # redis-py waits forever on a server that stops answering unless told otherwise.
         sep = "&" if parts.query else "?"
         return f"{url}{sep}socket_timeout={timeout_s}&socket_connect_timeout={timeout_s}"
@@ -170,6 +173,39 @@ class Manager:
         call_in_daemon_thread(self.sm.close, timeout)
 
 
+class _RedactCredentials(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACT = _RedactCredentials()
+
+
+def redact_lmcache_logs() -> None:
+    """DEFECT: LMCache logs the remote URL, credentials included, at INFO (connector/__init__.py:
+    57 and 351, "Creating connector for URL: ..."). Its loggers do not propagate and each has its
+    own handler (lmcache/logging.py:66-80), so the filter goes on every lmcache logger: those
+    that exist, and (through its ``init_logger``) those that modules imported later create."""
+    import lmcache.logging as lmcache_logging
+
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("lmcache") and isinstance(logger, logging.Logger) and _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+    make = lmcache_logging.init_logger
+    if not getattr(make, "redacts", False):
+        def init_logger(name: str):
+            logger = make(name)
+            logger.addFilter(_REDACT)
+            return logger
+
+        init_logger.redacts = True
+        lmcache_logging.init_logger = init_logger
+
+
 class TierFull(Exception):
     """A value read from a remote does not fit in the CPU tier."""
 
@@ -207,7 +243,7 @@ class Remote:
 
     def __init__(self, manager: Manager, url: str, timeout_s: float):
         self.manager, self.url, self.timeout_s = manager, url, timeout_s
-        self.scheme = urlsplit(url).scheme
+        self.scheme = {"rediss": "redis"}.get(urlsplit(url).scheme, urlsplit(url).scheme)
         self.can_delete = self.scheme != "lm"  # the lm:// protocol has PUT/GET/EXIST only
         # DEFECT: LMCServerConnector.get reads a reply's header and its payload under two separate
         # acquisitions of its lock (lm_connector.py:145-164), so two gets in flight on one socket
@@ -227,6 +263,7 @@ class Remote:
         from lmcache.v1.storage_backend.connector import CreateConnector
 
         m, tier = self.manager, _TierForConnectors(self.manager)
+        redact_lmcache_logs()
         conn = call_in_daemon_thread(  # lm:// connects a blocking socket with no timeout
             lambda: CreateConnector(self.url, m.loop, tier, m.config, m.metadata), self.timeout_s)
         if self._serial:

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError
 from . import codec
 from . import lmcache_compat as compat
-from .base import BlockStore, check_key
+from .base import FAULT, LOCAL, MISS, REMOTE, BlockStore, Read, check_key
 
 _MISS, _FAILED = object(), object()  # per-key outcomes besides a tensor
 
@@ -30,11 +30,14 @@ class LMCacheOptions:
         max_local_cpu_gb: size of the CPU tier; allocated (and touched) when the store opens.
         timeout_s: longest wait for one remote call (a batched call counts as one).
         retry_s: after a remote fault, remote calls are skipped for this long.
+        tier_cache: keep what was written or read in the CPU tier (False: the tier is only
+            the remote's I/O buffer; a cluster keeps one shared tier in front of its nodes).
     """
 
     max_local_cpu_gb: float = 0.5
     timeout_s: float = 2.0
     retry_s: float = 5.0
+    tier_cache: bool = True
 
     def __post_init__(self):
         if not (self.max_local_cpu_gb > 0 and self.timeout_s > 0 and self.retry_s >= 0):
@@ -64,37 +67,48 @@ class LMCacheStore(BlockStore):
     def contains(self, key: int) -> bool:
         return self.batched_contains([key])[0]
 
-    def batched_put(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def batched_put(self, items: Sequence[tuple[int, torch.Tensor]], placement=None) -> list[int]:
         latest = {check_key(key): kv for key, kv in items}  # a key repeated in one batch: the last wins
         for kv in latest.values():
             codec.check_tensor(kv)
         items = list(latest.items())
         if self._closed_fault(len(items)):
-            return
+            return list(latest)
         keys, objs = self._encode(items)
+        stored_keys = []
         try:
             stored = [True] * len(keys)
             if self._remote is not None:
                 stored = self._remote_results(self._remote.put_many, keys, objs)
             for key, obj, ok in zip(keys, objs, stored):
                 if ok is True:
-                    self._mgr.tier_put(key, obj)
+                    if self.options.tier_cache or self._remote is None:
+                        self._mgr.tier_put(key, obj)
                     self._count(puts=1, bytes_written=compat.blob(obj).numel() - codec.HEADER_BYTES)
+                    stored_keys.append(key.chunk_hash)
         finally:
             compat.release(objs)
+        done = set(stored_keys)
+        return [key for key in latest if key not in done]
 
-    def batched_get(self, keys: Sequence[int]) -> list[torch.Tensor | None]:
+    def batched_get(self, keys: Sequence[int], placement=None) -> list[torch.Tensor | None]:
+        return [read.value for read in self.batched_read(keys)]
+
+    def batched_read(self, keys: Sequence[int], placement=None) -> list[Read]:
         ckeys = [self._key(k) for k in keys]
         if self._closed_fault(len(keys)):
-            return [None] * len(keys)
+            return [Read(None, FAULT)] * len(keys)
         out = [self._decode(k, ck, self._mgr.tier_get(ck)) for k, ck in zip(keys, ckeys)]
+        reads = [Read(kv, LOCAL) if isinstance(kv, torch.Tensor) else None for kv in out]
         todo = [i for i, kv in enumerate(out) if kv is _MISS]
         if todo and self._remote is not None:
             got = self._remote_results(self._remote.get_many, [ckeys[i] for i in todo])
             for i, obj in zip(todo, got):
                 out[i] = obj if obj is _FAILED else self._decode(keys[i], ckeys[i], obj, fetched=True)
+                if isinstance(out[i], torch.Tensor):
+                    reads[i] = Read(out[i], REMOTE, self.url)
         self._count(misses=sum(kv is _MISS for kv in out))
-        return [kv if isinstance(kv, torch.Tensor) else None for kv in out]
+        return [read or Read(None, MISS if kv is _MISS else FAULT) for read, kv in zip(reads, out)]
 
     def batched_contains(self, keys: Sequence[int]) -> list[bool]:
         ckeys = [self._key(k) for k in keys]
@@ -163,7 +177,7 @@ class LMCacheStore(BlockStore):
                     self._mgr.tier_remove(ckey)
                 return _FAILED
             self._count(hits=1, bytes_read=compat.blob(obj).numel() - codec.HEADER_BYTES)
-            if fetched:
+            if fetched and self.options.tier_cache:
                 self._mgr.tier_put(ckey, obj)
             return kv
         finally:

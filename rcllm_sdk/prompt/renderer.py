@@ -26,12 +26,14 @@ class ItemInfo:
 
 @dataclass(slots=True, frozen=True)
 class Block:
-    """One prompt block: its kind, tokens, [start, end) span in the prompt and content hash."""
+    """One prompt block: its kind, tokens, [start, end) span in the prompt, content hash, and
+    for item blocks the item id (where a sharded store keeps the block)."""
 
     kind: str
     token_ids: tuple[int, ...]
     start: int
     content_hash: int
+    item_id: int | None = None
 
     @property
     def end(self) -> int:
@@ -84,17 +86,21 @@ def render(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template
         >>> p.input_ids == tokenizer(full_text, add_special_tokens=False)["input_ids"]
         True
     """
-    blocks = encode_blocks(block_texts(history, candidates, template), tokenizer, fingerprint)
+    item_ids = [None, None] + [i for item in candidates for i in (None, item.item_id)] + [None]
+    blocks = encode_blocks(block_texts(history, candidates, template), tokenizer, fingerprint, item_ids)
     labels = tuple(template.labels[: len(candidates)])
     return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
 
 
-def encode_blocks(parts: Sequence[tuple[str, str]], tokenizer: Tokenizer, fingerprint: str) -> list[Block]:
-    """Tokenise ``(kind, text)`` parts into consecutive blocks (spans start at 0)."""
+def encode_blocks(parts: Sequence[tuple[str, str]], tokenizer: Tokenizer, fingerprint: str,
+                  item_ids: Sequence[int | None] | None = None) -> list[Block]:
+    """Tokenise ``(kind, text)`` parts into consecutive blocks (spans start at 0); ``item_ids``
+    gives each part's item id (None for non-item parts)."""
     encoded = tokenizer([text for _, text in parts], add_special_tokens=False)["input_ids"]
+    item_ids = item_ids if item_ids is not None else [None] * len(parts)
     blocks, start = [], 0
-    for (kind, _), ids in zip(parts, encoded):
-        blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids)))
+    for (kind, _), ids, item in zip(parts, encoded, item_ids):
+        blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids), item))
         start += len(ids)
     return blocks
 
@@ -106,7 +112,8 @@ def cacheable_blocks(histories: Sequence[Sequence[ItemInfo]], items: Sequence[It
     parts = [(SYSTEM, template.system)]
     parts += [(USER, template.user_text(list(h))) for h in histories]
     parts += [(ITEM, template.item_line(i.item_id, i.title, i.category, i.text, with_text=True)) for i in items]
-    return [replace(b, start=0) for b in encode_blocks(parts, tokenizer, fingerprint)]
+    item_ids = [None] * (1 + len(histories)) + [i.item_id for i in items]
+    return [replace(b, start=0) for b in encode_blocks(parts, tokenizer, fingerprint, item_ids)]
 
 
 def full_text(history, candidates, template: PromptTemplate) -> str:

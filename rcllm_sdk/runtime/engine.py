@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.base import LOCAL, REMOTE, Read
 from ..model.scoring import label_logits
 from ..prompt.renderer import SYSTEM, RenderedPrompt
 from ..types import CacheStats
@@ -62,8 +63,8 @@ class BlockEngine:
               policy: Policy | None = None) -> list[Scored]:
         """Rank with reused block KV and the policy's selective recompute."""
         policy = policy or self.policy
-        found, computed = self.block_kv([b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS])
-        kv, stats = self.assemble(prompts, found, computed)
+        found, computed, reads = self.block_kv([b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS])
+        kv, stats = self.assemble(prompts, found, computed, reads)
         layouts = [_kinds_lengths(p) for p in prompts]
         masks = [static_selection(policy, *layout) for layout in layouts]
         pinned = torch.cat([fresh_mask(*layout)[m] for layout, m in zip(layouts, masks)])
@@ -74,13 +75,17 @@ class BlockEngine:
         return self._scored(hidden, label_ids, stats)
 
     def assemble(self, prompts: list[RenderedPrompt], found: dict[int, torch.Tensor],
-                 computed: set[int] = frozenset()) -> tuple[torch.Tensor, list[CacheStats]]:
+                 computed: set[int] = frozenset(), reads: dict[int, Read] | None = None
+                 ) -> tuple[torch.Tensor, list[CacheStats]]:
         """Packed ``[2, L, N, kv_heads, head_dim]`` cache of the prompts, keys at their real
-        positions (fresh tokens are zero placeholders), and per-prompt hit/miss figures."""
+        positions (fresh tokens are zero placeholders), and per-prompt hit/miss figures
+        (``reads``: where each stored block came from)."""
         pieces, deltas, stats = [], [], []
+        reads = reads or {}
         for prompt in prompts:
             system_len = len(prompt.blocks[0].token_ids)
             figures = CacheStats(recomputed_fraction=0.0)
+            nodes = set()
             for block in prompt.blocks:
                 n = len(block.token_ids)
                 kv = found.get(block.content_hash)
@@ -93,32 +98,37 @@ class BlockEngine:
                 else:
                     figures.hits += 1
                     figures.kv_bytes_read += kv.numel() * kv.element_size()
+                    _count_source(figures, nodes, reads.get(block.content_hash), kv)
                 pieces.append(kv.to(self.view.device, non_blocking=True))
                 deltas.append(torch.full((n,), float(0 if block.kind == SYSTEM else block.start - system_len)))
+            figures.nodes_touched = len(nodes)
             stats.append(figures)
         kv = torch.cat(pieces, dim=2)
         kv[0] = shift_keys(kv[0], torch.cat(deltas).to(self.view.device), self.inv_freq)
         return kv, stats
 
-    def block_kv(self, blocks) -> tuple[dict[int, torch.Tensor], set[int]]:
+    def block_kv(self, blocks) -> tuple[dict[int, torch.Tensor], set[int], dict[int, Read]]:
         """Canonical KV of every distinct block (store hits; misses computed and written back),
-        and the hashes that were computed."""
+        the hashes that were computed, and where each stored one was read from."""
         unique = list({b.content_hash: b for b in blocks}.values())
         systems = [b for b in unique if b.kind == SYSTEM]
         if len(systems) != 1:
             raise ValueError(f"one system block per batch expected, got {len(systems)}")
-        found = self._fetch(unique)
+        found, reads = self._fetch(unique)
         missing = [b for b in unique if b.content_hash not in found]
         if systems[0].content_hash not in found:
             found.update(self.compute_and_store(systems, None))
         others = [b for b in missing if b.kind != SYSTEM]
         if others:
             found.update(self.compute_and_store(others, found[systems[0].content_hash]))
-        return found, {b.content_hash for b in missing}
+        return found, {b.content_hash for b in missing}, reads
 
-    def _fetch(self, blocks) -> dict[int, torch.Tensor]:
-        found = {}
-        for block, value in zip(blocks, self.store.batched_get([b.content_hash for b in blocks])):
+    def _fetch(self, blocks) -> tuple[dict[int, torch.Tensor], dict[int, Read]]:
+        found, reads = {}, {}
+        got = self.store.batched_read([b.content_hash for b in blocks], placement=[b.item_id for b in blocks])
+        for block, read in zip(blocks, got):
+            value = read.value
+            reads[block.content_hash] = read
             kv = blockkv.unpack(value, block.content_hash, len(block.token_ids), self.view.n_layers,
                                 self.view.n_kv_heads, self.view.head_dim, self.view.dtype)
             if kv is None and value is not None:
@@ -126,12 +136,19 @@ class BlockEngine:
                             block.content_hash)
             if kv is not None:
                 found[block.content_hash] = kv
-        return found
+        return found, reads
+
+    def compute_and_store(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Compute blocks at their canonical positions and queue them for the store."""
+        computed = self.compute(blocks, system_kv)
+        items = {b.content_hash: b.item_id for b in blocks}
+        self._write_back([(key, kv, items[key]) for key, kv in computed.items()])
+        return computed
 
     @torch.inference_mode()
-    def compute_and_store(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Compute blocks at their canonical positions and write them to the store. System
-        blocks need nothing before them; every other block needs its system block's KV."""
+    def compute(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Canonical KV of blocks (``[2, L, T, H, D]`` by content hash). System blocks need
+        nothing before them; every other block needs its system block's KV."""
         computed = {b.content_hash: compute_system(self.view, list(b.token_ids), self.backend)
                     for b in blocks if b.kind == SYSTEM}
         others = [b for b in blocks if b.kind != SYSTEM]
@@ -140,7 +157,6 @@ class BlockEngine:
                 raise ValueError("user/item blocks are computed after the system block: pass its KV")
             kvs = compute_blocks(self.view, system_kv, [list(b.token_ids) for b in others], backend=self.backend)
             computed.update({b.content_hash: kv for b, kv in zip(others, kvs)})
-        self._write_back(list(computed.items()))
         return computed
 
     # ---- prefix baseline --------------------------------------------------------------------
@@ -219,21 +235,22 @@ class BlockEngine:
         for ids, used, keys in zip(token_lists, reused, keys_of):
             for n in range(used // self.prefix_chunk, len(keys)):
                 start = offset + n * self.prefix_chunk
-                writes.append((keys[n], kv[:, :, start : start + self.prefix_chunk]))
+                writes.append((keys[n], kv[:, :, start : start + self.prefix_chunk], None))
             offset += len(ids)
         self._write_back(writes)
 
-    def _write_back(self, blocks: list[tuple[int, torch.Tensor]]) -> None:
-        """Queue ``(key, [2, L, T, H, D] kv)`` for the store (packed with its header there)."""
+    def _write_back(self, blocks: list[tuple[int, torch.Tensor, int | None]]) -> None:
+        """Queue ``(key, [2, L, T, H, D] kv, item id or None)`` for the store (packed there)."""
         if not blocks:
             return
         future = self._writer.submit(self._put, blocks)
         with self._pending_lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
 
-    def _put(self, blocks: list[tuple[int, torch.Tensor]]) -> None:
+    def _put(self, blocks: list[tuple[int, torch.Tensor, int | None]]) -> None:
         try:
-            self.store.batched_put([(key, blockkv.pack(kv, key)) for key, kv in blocks])
+            self.store.batched_put([(key, blockkv.pack(kv, key)) for key, kv, _ in blocks],
+                                   placement=[item for _, _, item in blocks])
         except Exception:  # a store must not raise; if one does, the blocks are simply not cached
             log.exception("writing %d blocks back to the store failed", len(blocks))
 
@@ -266,3 +283,13 @@ class BlockEngine:
 
 def _kinds_lengths(prompt: RenderedPrompt) -> tuple[list[str], list[int]]:
     return [b.kind for b in prompt.blocks], [len(b.token_ids) for b in prompt.blocks]
+
+
+def _count_source(figures: CacheStats, nodes: set, read: Read | None, kv: torch.Tensor) -> None:
+    if read is None:
+        return
+    if read.source == LOCAL:
+        figures.local_hits += 1
+    elif read.source == REMOTE:
+        figures.remote_bytes += kv.numel() * kv.element_size()
+        nodes.add(read.node)

@@ -1,17 +1,28 @@
 """Precompute block KV into a store (``rcllm refresh``)."""
 from __future__ import annotations
 
+import logging
 import time
 
 from tqdm.auto import tqdm
 
 from ..prompt.renderer import SYSTEM, Block
+from . import blockkv
 from .engine import BlockEngine
+
+log = logging.getLogger("rcllm_sdk.runtime")
 
 
 def refresh_blocks(engine: BlockEngine, blocks: list[Block], batch_blocks: int = 64, force: bool = False,
-                   progress: bool = True) -> dict:
-    """Compute and store the canonical KV of every block not already stored (all with ``force``).
+                   progress: bool = True, retries: int = 2, retry_wait_s: float = 1.0) -> dict:
+    """Compute and store the canonical KV of every block not already stored everywhere the
+    store keeps it (all of them with ``force``).
+
+    Writes are synchronous: a write some node refused is retried ``retries`` times,
+    ``retry_wait_s`` apart, and what still failed is reported (``write_failures``,
+    ``failed_keys``). Each block is written whole or not at all, so an interrupted refresh
+    leaves a consistent store and a re-run finishes it. When every write landed, a cluster
+    store records its shard map on each node (``write_manifests``).
 
     ``blocks`` must include the system block. Returns counts, seconds, blocks/s and tokens/s.
     """
@@ -20,21 +31,42 @@ def refresh_blocks(engine: BlockEngine, blocks: list[Block], batch_blocks: int =
     systems = [b for b in unique if b.kind == SYSTEM]
     if len(systems) != 1:
         raise ValueError(f"refresh needs exactly one system block, got {len(systems)}")
-    present = [False] * len(unique) if force else engine.store.batched_contains([b.content_hash for b in unique])
-    todo = [b for b, stored in zip(unique, present) if not stored and b.kind != SYSTEM]
-    system_kv = engine.block_kv(systems)[0][systems[0].content_hash]
-    engine.flush()
-    tokens = 0
+    store = engine.store
+    present = ([False] * len(unique) if force else
+               store.batched_stored([b.content_hash for b in unique], placement=[b.item_id for b in unique]))
+    todo = [b for b, stored in zip(unique, present) if not stored]
+    system_kv = engine.compute(systems, None)[systems[0].content_hash]
+    tokens, failed = 0, []
     bar = tqdm(total=len(todo), desc="refresh blocks", unit="block", disable=not progress)
     for start in range(0, len(todo), batch_blocks):
         batch = todo[start : start + batch_blocks]
-        engine.compute_and_store(batch, system_kv)
-        engine.flush()
+        kvs = engine.compute([b for b in batch if b.kind != SYSTEM], system_kv)
+        kvs.update({b.content_hash: system_kv for b in batch if b.kind == SYSTEM})
+        failed += _store(store, batch, kvs, retries, retry_wait_s)
         tokens += sum(len(b.token_ids) for b in batch)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
     bar.close()
+    manifests_failed = store.write_manifests() if not failed and hasattr(store, "write_manifests") else []
     seconds = time.perf_counter() - started
-    return {"blocks": len(unique), "computed": len(todo), "already_stored": len(unique) - 1 - len(todo),
+    if failed:
+        log.warning("refresh: %d of %d blocks could not be written everywhere after %d retries; "
+                    "run the refresh again to finish them", len(failed), len(todo), retries)
+    return {"blocks": len(unique), "computed": len(todo), "already_stored": len(unique) - len(todo),
             "tokens": tokens, "seconds": seconds, "blocks_per_s": len(todo) / seconds if seconds else 0.0,
-            "tokens_per_s": tokens / seconds if seconds else 0.0}
+            "tokens_per_s": tokens / seconds if seconds else 0.0, "write_failures": len(failed),
+            "failed_keys": [f"{key:016x}" for key in failed[:20]], "manifest_failures": manifests_failed}
+
+
+def _store(store, batch: list[Block], kvs: dict, retries: int, wait_s: float) -> list[int]:
+    """Write a batch, retrying the keys some node refused; the keys that still failed."""
+    placement = {b.content_hash: b.item_id for b in batch}
+    pending = [b.content_hash for b in batch]
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(wait_s)
+        pending = store.batched_put([(key, blockkv.pack(kvs[key], key)) for key in pending],
+                                    placement=[placement[key] for key in pending])
+        if not pending:
+            break
+    return pending

@@ -1,4 +1,5 @@
-"""Throwaway servers for the store tests: redis-server and LMCache's server on free 127.0.0.1 ports."""
+"""Throwaway storage servers on free 127.0.0.1 ports (tests, `rcllm bench-storage`): redis-server
+and LMCache's server, with the faults a test injects (pause, kill)."""
 from __future__ import annotations
 
 import os
@@ -45,15 +46,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis() -> Server:
+def start_redis(maxmemory: str = "512mb", password: str | None = None) -> Server:
+    """A redis-server that evicts least-recently-used keys beyond ``maxmemory`` (what production
+    Redis nodes for KV blocks should run with; the lm:// server never evicts)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed; the store tests need it: "
                            "`apt-get install -y redis-server` (or `make install`, which does it)")
     port = free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"]
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning",
+           "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+    if password:
+        cmd += ["--requirepass", password]
     server = Server("redis-server", "redis", port, subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-    return _wait_ready(server, _redis_ping, timeout=15)
+    return _wait_ready(server, _accepts if password else _redis_ping, timeout=15)
 
 
 def start_lmcache() -> Server:

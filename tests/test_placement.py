@@ -1,5 +1,6 @@
 """Item placement: balance, locality against hash, purity of shard_for, the JSON form, add/rebalance."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,20 @@ def test_missing_movielens_folder_is_reported_as_skipped(tmp_path):
     assert "| synthetic | 4 | hash | 3.90 | 1.00x | 1.00 | 1.050 | 0.950 | 10 |" in table
     assert "ml-1m: skipped (data not found)" in table
     assert json.loads((tmp_path / "out" / "storage.json").read_text())["skipped"] == ["ml-1m"]
+
+
+def test_bench_storage_report_follows_its_schema(tmp_path):
+    """`rcllm bench-storage --skip-node-down` end to end on the synthetic world (ML-1M pointed at
+    a missing folder, so the report lists it as skipped)."""
+    import jsonschema
+
+    from rcllm_sdk.cli import main
+
+    out = tmp_path / "storage.json"
+    assert main(["bench-storage", "--skip-node-down", "--shards", "4", "--max-users", "60",
+                 "--ml1m-path", str(tmp_path / "absent"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    schema = json.loads((Path(__file__).parents[1] / "evaluation/schemas/bench_storage.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert report["skipped"] == ["ml-1m"] and {r["placement"] for r in report["results"]} == {"similarity", "hash"}
+    assert "| synthetic | 4 | similarity |" in out.with_suffix(".md").read_text()

@@ -44,14 +44,14 @@ def node_down_report(model: str = "cpu-512x8", nodes: int = 4, replicas: int = 1
     try:
         config = ClusterConfig([NodeSpec(s.url) for s in servers], hash_placement(list(catalog), nodes),
                                replicas=replicas, local_cpu_gb=2.0, node_buffer_gb=0.5, timeout_s=2.0)
-        with _engine(ranker, config) as (engine, store):
+        with _Worker(ranker, config) as (engine, store):
             refreshed = refresh_blocks(engine, blocks, progress=progress)
             refreshed["mb_written_per_s"] = store.stats.bytes_written / 2**20 / refreshed["seconds"]
-        with _engine(ranker, config) as (engine, _):
+        with _Worker(ranker, config) as (engine, _):
             healthy = _timed_requests(engine, prompts, labels)
         victim = servers[1 % nodes]
         victim.kill()
-        with _engine(ranker, config) as (engine, _):
+        with _Worker(ranker, config) as (engine, _):
             down = _timed_requests(engine, prompts, labels)
     finally:
         for server in servers:
@@ -63,8 +63,8 @@ def node_down_report(model: str = "cpu-512x8", nodes: int = 4, replicas: int = 1
             "healthy": _public(healthy), "one_down": _public(down), "rankings_equal": same}
 
 
-class _engine:
-    """``with _engine(ranker, config) as (engine, store)``: a fresh worker on the cluster."""
+class _Worker:
+    """``with _Worker(ranker, config) as (engine, store)``: a fresh worker on the cluster."""
 
     def __init__(self, ranker, config: ClusterConfig):
         self.store = ClusterStore("cluster://bench", ranker.fingerprint, config)

@@ -176,7 +176,8 @@ def _timed(fn, device: str):
 
 def _mode_runners(engine: BlockEngine, config: BenchConfig):
     """``name -> fn(prompt, label_ids) -> (fraction recomputed, prefix hit fraction, kv bytes, misses)``,
-    and the dict where each rcllm mode leaves its logits of the latest prompt (for the A/B check)."""
+    the dict where each rcllm mode leaves its logits of the latest prompt (for the A/B check), and
+    every engine the runners write back through (to flush)."""
     model, pad = engine.ranker.model, engine.ranker.tokenizer.pad_token_id
 
     def full(prompt, labels):
@@ -195,6 +196,7 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
         return run
 
     logits: dict[str, torch.Tensor] = {}  # each rcllm mode's logits for the current prompt
+    engines = [engine]
     runners = {"full": full, "prefix": prefix, "rcllm": rcllm("rcllm", parse_policy(config.policy))}
     for spec in config.other_policies:
         name = f"rcllm:{parse_policy(spec).spec}"
@@ -203,10 +205,11 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
         twin = BlockEngine(engine.ranker, engine.store, config.policy, config.ab_attention)
         name = f"rcllm@{config.ab_attention}"
         runners[name] = rcllm(name, parse_policy(config.policy), twin)
-    return runners, logits
+        engines.append(twin)
+    return runners, logits, engines
 
 
-def _measure(engine, prompts, labels, runners, logits, store: RecordingStore, device: str, cold: bool,
+def _measure(engines, prompts, labels, runners, logits, store: RecordingStore, device: str, cold: bool,
              progress) -> dict:
     samples = {name: [] for name in runners}
     names = list(runners)
@@ -217,7 +220,8 @@ def _measure(engine, prompts, labels, runners, logits, store: RecordingStore, de
         for name in order:
             ms, figures = _timed(lambda: runners[name](prompt, label_ids), device)
             samples[name].append((ms, *figures))
-            engine.flush()  # write-back runs beside the request (as LMCache's does); not part of TTFT
+            for engine in engines:  # write-back runs beside the request (as LMCache's does); not part of TTFT
+                engine.flush()
             if cold:
                 store.forget()
         for name in twins:
@@ -290,14 +294,16 @@ def _run_workload(engine, store, ranker, template, catalog, workload: Workload, 
                       ranker.tokenizer, ranker.fingerprint) for r in requests]
     labels = label_token_ids(ranker.tokenizer, template.labels[: workload.candidates])
     labels = [labels] * len(prompts)
-    runners, logits = _mode_runners(engine, config)
+    runners, logits, engines = _mode_runners(engine, config)
     show = _progress_printer(workload.name, progress)
-    _warmup(engine, runners, prompts[0], labels[0], store, config.device)
-    cold = _measure(engine, prompts[n_warm:], labels[n_warm:], runners, logits, store, config.device, True,
+    _warmup(engines, runners, prompts[0], labels[0], store, config.device)
+    cold = _measure(engines, prompts[n_warm:], labels[n_warm:], runners, logits, store, config.device, True,
                     lambda i, n: show("cold", i, n))
     _prepare_warm(engine, prompts[:n_warm], template, ranker, requests[:n_warm], catalog, progress)
-    warm = _measure(engine, prompts[:n_warm], labels[:n_warm], runners, logits, store, config.device, False,
+    warm = _measure(engines, prompts[:n_warm], labels[:n_warm], runners, logits, store, config.device, False,
                     lambda i, n: show("warm", i, n))
+    for twin in engines[1:]:
+        twin.close()
     tokens = [len(p.input_ids) for p in prompts]
     return {"candidates": workload.candidates, "history_items": workload.history,
             "item_block_tokens_mean": float(np.mean([len(b.token_ids) for p in prompts for b in p.blocks
@@ -306,11 +312,12 @@ def _run_workload(engine, store, ranker, template, catalog, workload: Workload, 
             "modes": warm, "ratios": _ratios(warm), "cold": {"modes": cold, "ratios": _ratios(cold)}}
 
 
-def _warmup(engine, runners, prompt, labels, store: RecordingStore, device: str) -> None:
+def _warmup(engines, runners, prompt, labels, store: RecordingStore, device: str) -> None:
     """One untimed pass per mode (allocator, thread pools), then forget its writes."""
     for run in runners.values():
         _timed(lambda: run(prompt, labels), device)
-    engine.flush()
+    for engine in engines:
+        engine.flush()
     store.forget()
 
 

@@ -111,13 +111,14 @@ def test_bench_report_follows_its_schema(tmp_path):
 
     config = BenchConfig(model="tiny", warm_samples={"reference": 2, "long_item": 1},
                          cold_samples={"reference": 1, "long_item": 1}, store="memory://",
-                         other_policies=["none"], stream=StreamConfig(items=300))
+                         other_policies=["none"], ab_attention="torch", stream=StreamConfig(items=300))
     report = run_bench(config, tmp_path / "bench.json", progress=False)
     schema = json.loads((Path(__file__).parents[1] / "evaluation" / "schemas" / "bench.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "bench.json").read_text()), schema)
     assert (tmp_path / "bench.md").read_text().startswith("| workload | mode |")
     ref = report["workloads"]["reference"]
-    assert set(ref["modes"]) == {"full", "prefix", "rcllm", "rcllm:none"}
+    assert set(ref["modes"]) == {"full", "prefix", "rcllm", "rcllm:none", "rcllm@torch"}
+    assert ref["modes"]["rcllm@torch"]["max_abs_logit_diff_vs_rcllm"] == 0.0  # on CPU auto is the torch path
     assert ref["modes"]["full"]["recompute_fraction"] == 1.0
     assert ref["modes"]["rcllm:none"]["recompute_fraction"] < ref["modes"]["rcllm"]["recompute_fraction"] < 1
     assert ref["modes"]["prefix"]["prefix_hit_fraction"] > 0  # warm: system + history prefix stored

@@ -82,7 +82,7 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
     try:
         import lmcache  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"{url!r} is an LMCache store and lmcache is not importable ({e}); "
+        raise ConfigError(f"{redact_url(url)!r} is an LMCache store and lmcache is not importable ({e}); "
                           "install the package's dependencies (make install) or use memory://") from e
     _reject(options, {f.name for f in fields(LMCacheOptions)}, url)
     opts = LMCacheOptions(**options)
@@ -95,7 +95,7 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
         remote = _compat().lmcache_url(url, opts.timeout_s)
     elif parts.scheme in ("lm", "redis", "rediss"):
         if not parts.hostname or _port(parts) is None:
-            raise ConfigError(f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {url!r}")
+            raise ConfigError(f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {redact_url(url)!r}")
         remote = _compat().lmcache_url(url, opts.timeout_s)
     return LMCacheStore(url, namespace, remote, opts)
 
@@ -116,7 +116,7 @@ def _compat():
 def _reject(options: dict, known: set[str], url: str) -> None:
     unknown = set(options) - known
     if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)} for {url!r}; known: {sorted(known)}")
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} for {redact_url(url)!r}; known: {sorted(known)}")
 
 
 __all__ = ["BlockStore", "StoreStats", "open_store"]

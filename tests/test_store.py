@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from rcllm_sdk.cache import codec, open_store
+from rcllm_sdk.cache.cluster import ClusterConfig, NodeSpec
 from rcllm_sdk.errors import ConfigError
 
 from rcllm_sdk.cache.local_servers import free_port, start_lmcache, start_redis
 
-BACKENDS = ["memory", "local", "fs", "lm", "redis"]
-SHARED = {"memory", "fs", "lm", "redis"}  # a second store on the same location sees the values
+BACKENDS = ["memory", "local", "fs", "lm", "redis", "cluster"]
+SHARED = {"memory", "fs", "lm", "redis", "cluster"}  # a second store on the same location sees the values
 OPTS = dict(max_local_cpu_gb=0.03, timeout_s=2.0)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -62,11 +63,16 @@ def backend(request, tmp_path):
     name = request.param
     location = {"memory": lambda: f"memory://{uuid.uuid4().hex}", "local": lambda: "local://",
                 "fs": lambda: f"fs://{tmp_path}/kv", "lm": lambda: request.getfixturevalue("lm_server").url,
-                "redis": lambda: request.getfixturevalue("redis_server").url}[name]()
+                "redis": lambda: request.getfixturevalue("redis_server").url, "cluster": lambda: "cluster://"}[name]()
+    spaces = [uuid.uuid4().hex for _ in range(3)]  # the cluster's nodes (replicated keys go to all three)
     opened = []
 
     def opener(namespace: str, **options):
-        store = open_store(location, namespace, **({} if name == "memory" else {**OPTS, **options}))
+        if name == "cluster":
+            config = ClusterConfig([NodeSpec(f"memory://{s}") for s in spaces], local="memory://")
+            store = open_store(location, namespace, config=config)
+        else:
+            store = open_store(location, namespace, **({} if name == "memory" else {**OPTS, **options}))
         opened.append(store)
         return store
 

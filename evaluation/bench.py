@@ -79,6 +79,20 @@ def request_stream(config: StreamConfig, workload: Workload, n: int, salt: int) 
     return requests
 
 
+def render_requests(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
+    """The prompt of each request."""
+    return [render([catalog[i] for i in r.history], [catalog[i] for i in r.candidates], template,
+                   ranker.tokenizer, ranker.fingerprint) for r in requests]
+
+
+def request_blocks(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
+    """What the refresh pipeline keeps stored for these requests: the system block, each
+    history block and each candidate's item block."""
+    return cacheable_blocks([[catalog[i] for i in r.history] for r in requests],
+                            [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
+                            template, ranker.tokenizer, ranker.fingerprint)
+
+
 def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[int]:
     p = popularity.copy()
     p[[i - 1 for i in seen]] = 0.0
@@ -290,8 +304,7 @@ def _run_workload(engine, store, ranker, template, catalog, workload: Workload, 
     engine.ranker = Ranker(ranker.model, ranker.tokenizer, template, ranker.fingerprint)
     n_warm, n_cold = config.warm_samples[workload.name], config.cold_samples[workload.name]
     requests = request_stream(config.stream, workload, n_warm + n_cold, salt)
-    prompts = [render([catalog[i] for i in r.history], [catalog[i] for i in r.candidates], template,
-                      ranker.tokenizer, ranker.fingerprint) for r in requests]
+    prompts = render_requests(requests, catalog, template, ranker)
     labels = label_token_ids(ranker.tokenizer, template.labels[: workload.candidates])
     labels = [labels] * len(prompts)
     runners, logits, engines = _mode_runners(engine, config)
@@ -324,10 +337,7 @@ def _warmup(engines, runners, prompt, labels, store: RecordingStore, device: str
 def _prepare_warm(engine, prompts, template, ranker, requests, catalog, progress: bool) -> None:
     """What the refresh pipeline keeps stored: every block (rcllm) and each user's
     system+history token prefix (prefix caching)."""
-    blocks = cacheable_blocks([[catalog[i] for i in r.history] for r in requests],
-                              [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
-                              template, ranker.tokenizer, ranker.fingerprint)
-    refresh_blocks(engine, blocks, progress=progress)
+    refresh_blocks(engine, request_blocks(requests, catalog, template, ranker), progress=progress)
     for prompt in prompts:
         end = next(b.end for b in prompt.blocks if b.kind == USER)
         engine.store_prefix(prompt.input_ids[:end])

@@ -17,13 +17,11 @@ from rcllm_sdk.cache.cluster import ClusterConfig, ClusterStore, NodeSpec
 from rcllm_sdk.cache.local_servers import start_lmcache, start_redis
 from rcllm_sdk.cache.placement import hash_placement
 from rcllm_sdk.model.tokenizer import label_token_ids
-from rcllm_sdk.prompt import render
-from rcllm_sdk.prompt.renderer import cacheable_blocks
 from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.policies import DEFAULT_POLICY
 from rcllm_sdk.runtime.refresh import refresh_blocks
 
-from .bench import build_bench_ranker, request_stream
+from .bench import build_bench_ranker, render_requests, request_blocks, request_stream
 from .bench_config import WORKLOADS, BenchConfig
 
 
@@ -34,12 +32,9 @@ def node_down_report(model: str = "cpu-512x8", nodes: int = 4, replicas: int = 1
     ranker, templates, catalog = build_bench_ranker(BenchConfig(workloads=["reference"], model=model), [workload])
     template = templates["reference"]
     stream = request_stream(BenchConfig().stream, workload, requests, salt=0)
-    prompts = [render([catalog[i] for i in r.history], [catalog[i] for i in r.candidates], template,
-                      ranker.tokenizer, ranker.fingerprint) for r in stream]
+    prompts = render_requests(stream, catalog, template, ranker)
     labels = [label_token_ids(ranker.tokenizer, template.labels[: workload.candidates])] * len(prompts)
-    blocks = cacheable_blocks([[catalog[i] for i in r.history] for r in stream],
-                              [catalog[i] for i in sorted({i for r in stream for i in r.candidates})],
-                              template, ranker.tokenizer, ranker.fingerprint)
+    blocks = request_blocks(stream, catalog, template, ranker)
     servers = [start_lmcache() if n % 2 == 0 else start_redis() for n in range(nodes)]
     try:
         config = ClusterConfig([NodeSpec(s.url) for s in servers], hash_placement(list(catalog), nodes),

@@ -31,6 +31,7 @@ from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.pipelines.block_mask import block_attention_mask
 from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
 from rcllm_sdk.runtime.engine import BlockEngine
+from rcllm_sdk.runtime.policies import parse_policy
 
 SYSTEM_IDS, USER_MARK, QUERY_IDS = (1, 2, 2, 2), 3, (4, 5)
 LABEL0, ITEM0 = 10, 40  # label k is token LABEL0 + k; item tokens start at ITEM0
@@ -116,17 +117,12 @@ def evaluate(model, cfg: ProbeConfig) -> dict:
         engine = BlockEngine(Ranker(model, None, None, "probe"), store, backend="torch")
         for policy in POLICIES:
             chunks = [list(prompts[start : start + 50]) for start in range(0, len(prompts), 50)]
-            scored = [s for chunk in chunks for s in engine.score(chunk, labels[: len(chunk)], policy=_policy(policy))]
+            scored = [s for chunk in chunks
+                      for s in engine.score(chunk, labels[: len(chunk)], policy=parse_policy(policy))]
             out[policy] = {"accuracy": _accuracy([s.logits for s in scored], targets),
                            "recompute_fraction": float(np.mean([s.cache.recomputed_fraction for s in scored]))}
         engine.close()
     return out
-
-
-def _policy(spec: str):
-    from rcllm_sdk.runtime.policies import parse_policy
-
-    return parse_policy(spec)
 
 
 def _accuracy(scores, targets: np.ndarray) -> float:

@@ -197,6 +197,14 @@ class ClusterStore(BlockStore):
     def _write_targets(self, item_id: int | None) -> list[int]:
         return list(range(len(self.nodes))) if item_id is None else self.nodes_for(item_id)
 
+    def _per_target_node(self, placement: list[int | None]) -> dict[int, list[int]]:
+        """Key indices by node, each key under every node it belongs on."""
+        per_node: dict[int, list[int]] = {}
+        for i, item in enumerate(placement):
+            for node in self._write_targets(item):
+                per_node.setdefault(node, []).append(i)
+        return per_node
+
     # ---- the protocol ---------------------------------------------------------------------
     def put(self, key: int, kv: torch.Tensor) -> None:
         self.batched_put([(key, kv)])
@@ -212,11 +220,8 @@ class ClusterStore(BlockStore):
         (a key no node took is not cached locally either)."""
         items = [(check_key(key), kv) for key, kv in items]
         placement = _placement(placement, len(items))
-        per_node: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for (key, kv), item in zip(items, placement):
-            for node in self._write_targets(item):
-                per_node.setdefault(node, []).append((key, kv))
-        failed_on = self._each_node(per_node, lambda node, batch: node.batched_put(batch))
+        per_node = self._per_target_node(placement)
+        failed_on = self._each_node(per_node, lambda node, idx: node.batched_put([items[i] for i in idx]))
         failed = {key for keys in failed_on.values() for key in keys}
         taken = [(key, kv) for (key, kv), item in zip(items, placement)
                  if not all(key in failed_on.get(n, ()) for n in self._write_targets(item))]
@@ -265,10 +270,7 @@ class ClusterStore(BlockStore):
         """Whether every node a key belongs on holds it (what ``rcllm refresh`` completes)."""
         keys = [check_key(k) for k in keys]
         placement = _placement(placement, len(keys))
-        per_node: dict[int, list[int]] = {}
-        for i, item in enumerate(placement):
-            for node in self._write_targets(item):
-                per_node.setdefault(node, []).append(i)
+        per_node = self._per_target_node(placement)
         results = self._each_node(per_node, lambda node, idx: node.batched_contains([keys[i] for i in idx]))
         stored = [True] * len(keys)
         for node, idx in per_node.items():

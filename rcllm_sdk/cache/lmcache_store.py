@@ -75,7 +75,7 @@ class LMCacheStore(BlockStore):
         if self._closed_fault(len(items)):
             return list(latest)
         keys, objs = self._encode(items)
-        stored_keys = []
+        done = set()
         try:
             stored = [True] * len(keys)
             if self._remote is not None:
@@ -85,10 +85,9 @@ class LMCacheStore(BlockStore):
                     if self.options.tier_cache or self._remote is None:
                         self._mgr.tier_put(key, obj)
                     self._count(puts=1, bytes_written=compat.blob(obj).numel() - codec.HEADER_BYTES)
-                    stored_keys.append(key.chunk_hash)
+                    done.add(key.chunk_hash)
         finally:
             compat.release(objs)
-        done = set(stored_keys)
         return [key for key in latest if key not in done]
 
     def batched_get(self, keys: Sequence[int], placement=None) -> list[torch.Tensor | None]:

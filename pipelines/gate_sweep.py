@@ -28,7 +28,12 @@ Answer:"), so the model only has to find the label in front of that item; the hi
 probability holds at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of
 training). The *K schedule* shows each example the truth plus K-1 of its other candidates, K
 growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxiliary losses of
-:func:`binding_losses`. Measured results: README, "What the ranker learns".
+:func:`binding_losses` (``bind_layer``: read the binding after that layer, so a later layer can use
+it). Round 3: the *lookup* task (:func:`lookup_batch`) appends (item token, label) pairs to a prompt,
+a dense label-lookup loss at every pair; ``pretrain`` is the fraction of training spent on it alone;
+``mimetic`` starts the attention of layers >= 1 as content matchers (:func:`mimetic_init`),
+``theta`` is the RoPE base. Measured results: README, "What the ranker learns"; on CPU, e.g.
+``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ HINT = "The user picked {item}. "
 # name -> settings; unnamed settings take DEFAULTS. order: "shuffle" (always), "retriever"
 # (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
 DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
-                k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0)
+                k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0, bind_layer=0, mimetic=0.0, theta=10000.0,
+                lookup=0.0, lookup_pairs=20, pretrain=0.0)
 CONFIGS = {
     "ctrl_shuffle_small": dict(),
     "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
@@ -74,8 +80,24 @@ CONFIGS = {
     "bindcand_hintk_small": dict(bind=1.0, cand=1.0, hint_hold=0.1, hint_end=0.4, k_end=0.2),
     "cand_small": dict(cand=1.0),
     "bindcand_small_bind0.3": dict(bind=0.3, cand=1.0),
+    # round 3: break the lookup plateau (see lookup_losses / mimetic_init). A fraction `pretrain` of
+    # the budget trains only the dense lookup task, K doubling from 2 each time its CE falls under
+    # a quarter of ln K; then ranking in retriever order with the lookup as an auxiliary loss.
+    "lookup_mimetic_micro": dict(size="micro", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                                 lookup=0.5, pretrain=0.6),
+    "lookup_mimetic_small": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
+                                 pretrain=0.6),
+    "lookup_mimetic_small_lr3e-3_p40": dict(order="retriever", lr=3e-3, bind=1.0, bind_layer=1, mimetic=3.0,
+                                            theta=1e6, lookup=0.5, lookup_pairs=40, pretrain=0.6),
+    "lookup_mimetic_base": dict(size="base", lr=1e-3, order="retriever", bind=1.0, bind_layer=1, mimetic=3.0,
+                                theta=1e6, lookup=0.5, pretrain=0.6),
+    "lookup_mimetic_small_shuffle": dict(bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5, pretrain=0.6),
+    "lookup_default_init_small": dict(order="retriever", bind=1.0, bind_layer=1, lookup=0.5, pretrain=0.6),
+    "lookup_default_init_micro": dict(size="micro", order="retriever", bind=1.0, bind_layer=1, lookup=0.5,
+                                      pretrain=0.6),
+    "mimetic_only_small": dict(order="retriever", mimetic=3.0, theta=1e6),
 }
-ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:]}
+ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:]}
 SIZES = {"micro": (64, 2, 2, 1, 128), "small": (128, 4, 4, 2, 384), "base": (256, 6, 8, 4, 768)}
 
 
@@ -228,7 +250,7 @@ def _estimated_habits(hist, cat, sequel, n_categories: int) -> tuple[np.ndarray,
 
 # ---------------------------------------------------------------- sweep (GPU, torch + transformers)
 
-def build_model(data: dict, size: str, seed: int = 0):
+def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mimetic: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter = SIZES[size]
@@ -237,7 +259,8 @@ def build_model(data: dict, size: str, seed: int = 0):
     config = LlamaConfig(vocab_size=meta["vocab"], hidden_size=hidden, intermediate_size=inter,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                          max_position_embeddings=4096, bos_token_id=meta["bos"], eos_token_id=meta["eos"],
-                         pad_token_id=meta["pad"], tie_word_embeddings=False)
+                         pad_token_id=meta["pad"], tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
     model = LlamaForCausalLM(config)
     emb = model.get_input_embeddings().weight
     vectors = data["item_vectors"].float()  # [n_items, dim]
@@ -246,7 +269,28 @@ def build_model(data: dict, size: str, seed: int = 0):
     scale = emb.detach().std() * (emb.shape[1] ** 0.5)
     with torch.no_grad():  # the same init as rcllm_sdk.model.ranker._init_item_embeddings
         emb[data["item_tokens"]] = 0.5 * emb[data["item_tokens"]] + scale * (vectors @ projection.T)
+    if mimetic:
+        mimetic_init(model, mimetic, seed)
     return model
+
+
+def mimetic_init(model, scale: float, seed: int = 0) -> None:
+    """Every attention layer after the first starts as a content matcher: each query head shares its
+    KV head's projection (``W_q = W_k = scale * P``, ``P`` orthonormal rows), so a token attends most to
+    tokens whose embedding matches its own (after RoPE, at short range). Layer 0 keeps the default
+    init: it has to learn positional heads (label -> item binding). After Trockman & Kolter,
+    "Mimetic Initialization of Self-Attention Layers" (2023). Measured effect: README."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for layer in model.model.layers[1:]:
+        attn = layer.self_attn
+        dim, hidden = attn.head_dim, attn.q_proj.in_features
+        per_kv = attn.q_proj.out_features // attn.k_proj.out_features
+        with torch.no_grad():
+            for kv in range(attn.k_proj.out_features // dim):
+                basis = scale * torch.linalg.qr(torch.randn(hidden, dim, generator=gen))[0].T  # [dim, hidden]
+                attn.k_proj.weight[kv * dim:(kv + 1) * dim] = basis
+                for q in range(kv * per_kv, (kv + 1) * per_kv):
+                    attn.q_proj.weight[q * dim:(q + 1) * dim] = basis
 
 
 def prompt_ids(data: dict, user: list[int], cands: list[int], hint_item: int | None,
@@ -272,28 +316,69 @@ def pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device), lengths.to(device)
 
 
-def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = False):
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = False, bind_layer: int = 0):
+    """Label logits at the last position; with ``with_hidden`` also the final hidden states, the label
+    head rows and the (normed) states after layer ``bind_layer`` (0: the final ones) for the binding loss."""
+    out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=bind_layer > 0)
+    hidden = out.last_hidden_state  # [B, T, H]
     last = hidden[torch.arange(len(lengths), device=ids.device), lengths - 1]  # [B, H]
     head = model.get_output_embeddings().weight[data["label_ids"][:k]]  # [k, H]
     scores = last.float() @ head.float().T  # [B, k]
-    return (scores, hidden, head) if with_hidden else scores
+    if not with_hidden:
+        return scores
+    bound = model.model.norm(out.hidden_states[bind_layer]) if bind_layer else hidden
+    return scores, hidden, head, bound
 
 
-def binding_losses(hidden, head, spans: list[list[tuple[int, int]]], targets: list[int]):
-    """Binding: every token of candidate j's item block predicts label j (softmax over the K labels).
-    Candidate: the last token of each item block scores its own label; softmax over candidates."""
+def binding_losses(hidden, head, spans: list[list[tuple[int, int]]], targets: list[int], bound=None):
+    """Binding: every token of candidate j's item block predicts label j (softmax over the K labels),
+    read from ``bound`` (the states after an early layer) when given. Candidate: the last token of
+    each item block scores its own label; softmax over candidates."""
     device = hidden.device
+    bound = hidden if bound is None else bound
     rows = [b for b, sp in enumerate(spans) for s, e in sp for _ in range(s, e)]
     cols = [p for sp in spans for s, e in sp for p in range(s, e)]
     labels = [j for sp in spans for j, (s, e) in enumerate(sp) for _ in range(s, e)]
-    logits = hidden[rows, cols].float() @ head.float().T  # [N, k]
+    logits = bound[rows, cols].float() @ head.float().T  # [N, k]
     binding = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=device))
     ends = torch.tensor([[e - 1 for s, e in sp] for sp in spans], device=device)  # [B, k]
     last = hidden[torch.arange(len(spans), device=device)[:, None], ends].float()  # [B, k, H]
     own = (last * head.float()[None]).sum(-1)  # [B, k]: own-label logit of each candidate
     candidate = torch.nn.functional.cross_entropy(own, torch.tensor(targets, device=device))
     return binding, candidate
+
+
+def lookup_batch(data, rng, n: int, k: int, pairs: int):
+    """The dense lookup task: a prompt with ``k`` shuffled candidates and no query, followed by
+    ``pairs`` (item token, label) pairs naming random candidates; each pair's item-token position
+    must predict that candidate's label. Returns sequences, those positions, their targets, spans."""
+    seqs, positions, targets, spans = [], [], [], []
+    for row in rng.integers(0, len(data["train"]), n):
+        user, cands, _ = data["train"][row]
+        keep = rng.permutation(K)[:k]
+        spans.append([])
+        ids = prompt_ids(data, user, [cands[j] for j in keep], None, spans[-1])[: -len(data["query"])]
+        pos, tgt = [], []
+        for j in rng.integers(0, k, pairs):
+            ids.append(data["item_tokens"][cands[keep[j]]])
+            pos.append(len(ids) - 1); tgt.append(int(j))
+            ids.append(data["label_ids"][j])
+        seqs.append(ids); positions.append(pos); targets += tgt
+    return seqs, positions, targets, spans
+
+
+def lookup_losses(model, data, batch, k: int, bind_layer: int, device):
+    """(lookup CE, binding CE) of a :func:`lookup_batch`."""
+    seqs, positions, targets, spans = batch
+    ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        _, hidden, head, bound = label_scores(model, data, ids, mask, lengths, k, True, bind_layer)
+    rows = [b for b, pos in enumerate(positions) for _ in pos]
+    cols = [c for pos in positions for c in pos]
+    logits = hidden[rows, cols].float() @ head.float().T
+    lookup = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device))
+    binding, _ = binding_losses(hidden, head, spans, [0] * len(spans), bound)
+    return lookup, binding
 
 
 def schedules(cfg: dict, progress: float) -> tuple[float, int, bool]:
@@ -360,7 +445,7 @@ def evaluate(model, data, rows, device, batch: int = 256) -> dict:
         seqs = [prompt_ids(data, u, c, None, sp) for (u, c, _), sp in zip(chunk, spans)]
         ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores, hidden, head = label_scores(model, data, ids, mask, lengths, K, with_hidden=True)
+            scores, hidden, head, _ = label_scores(model, data, ids, mask, lengths, K, with_hidden=True)
         ends = torch.tensor([[e - 1 for _, e in sp] for sp in spans], device=device)  # [B, K]
         own = (hidden[torch.arange(len(chunk), device=device)[:, None], ends].float() * head.float()[None]).sum(-1)
         truth = [t for _, _, t in chunk]
@@ -374,21 +459,28 @@ def evaluate(model, data, rows, device, batch: int = 256) -> dict:
             "per_candidate": _versus_retriever(np.array(cand_ranks), retr)}
 
 
-def train_step(model, opt, data: dict, cfg: dict, rng, progress: float, step: int, device) -> dict:
+def train_step(model, opt, data: dict, cfg: dict, rng, progress: float, step: int, device, state: dict) -> dict:
     """One optimiser step; returns the losses it saw (label CE split by hint, auxiliary CEs)."""
-    seqs, targets, hinted, k, spans = sample_batch(data, rng, cfg, progress)
-    ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
     warm = min(1.0, (step + 1) / cfg["warmup"])
     for group in opt.param_groups:  # warmup, then cosine to 10% over the budget
         group["lr"] = cfg["lr"] * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if progress < cfg["pretrain"]:
+        return _pretrain_step(model, opt, data, cfg, rng, device, state)
+    seqs, targets, hinted, k, spans = sample_batch(data, rng, cfg, progress)
+    ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        scores, hidden, head = label_scores(model, data, ids, mask, lengths, k, with_hidden=True)
+        scores, hidden, head, bound = label_scores(model, data, ids, mask, lengths, k, True, cfg["bind_layer"])
     losses = torch.nn.functional.cross_entropy(scores, torch.tensor(targets, device=device), reduction="none")
     total, seen = losses.mean(), {"k": k}
     if cfg["bind"] or cfg["cand"]:
-        binding, candidate = binding_losses(hidden, head, spans, targets)
+        binding, candidate = binding_losses(hidden, head, spans, targets, bound)
         total = total + cfg["bind"] * binding + cfg["cand"] * candidate
         seen["aux"] = (binding, candidate)
+    if cfg["lookup"]:
+        batch = lookup_batch(data, rng, max(1, cfg["batch"] // 2), K, cfg["lookup_pairs"])
+        lookup, binding = lookup_losses(model, data, batch, K, cfg["bind_layer"], device)
+        total = total + cfg["lookup"] * (lookup + cfg["bind"] * binding)
+        seen["lookup"], seen["lookup_k"] = lookup.detach(), K
     opt.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -397,29 +489,53 @@ def train_step(model, opt, data: dict, cfg: dict, rng, progress: float, step: in
     return seen
 
 
+def _pretrain_step(model, opt, data, cfg, rng, device, state: dict) -> dict:
+    """Lookup-only step; K doubles (2, 4, ..., 20) once the lookup CE of the last 25 steps is under
+    a quarter of ln K."""
+    k = state.setdefault("k", 2)
+    batch = lookup_batch(data, rng, cfg["batch"], k, cfg["lookup_pairs"])
+    lookup, binding = lookup_losses(model, data, batch, k, cfg["bind_layer"], device)
+    opt.zero_grad(set_to_none=True)
+    (lookup + cfg["bind"] * binding).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    recent = state.setdefault("recent", [])
+    recent.append(lookup.detach())
+    if len(recent) == 25:
+        if k < K and float(torch.stack(recent).mean()) < 0.25 * math.log(k):
+            state["k"] = min(K, 2 * k)
+        recent.clear()
+    empty = torch.zeros(0, device=device)
+    return {"k": k, "lookup": lookup.detach(), "lookup_k": k, "losses": empty, "hinted": empty.bool()}
+
+
 def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
     """Train one configuration for ``budget`` seconds (or ``cfg['steps']``), then evaluate it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)
-    model = build_model(data, cfg["size"]).to(device)
+    model = build_model(data, cfg["size"], theta=cfg["theta"], mimetic=cfg["mimetic"]).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, fused=device.type == "cuda")
     started, step, progress = time.perf_counter(), 0, 0.0
-    plain, hinted_ce, aux = [], [], []
+    plain, hinted_ce, aux, lookup, lookup_k, state = [], [], [], [], None, {}
     checkpoints, next_check = {}, 0.5
     while progress < 1.0:
-        seen = train_step(model, opt, data, cfg, rng, progress, step, device)
+        seen = train_step(model, opt, data, cfg, rng, progress, step, device, state)
         step += 1
         if step % 50 == 0:  # sample the losses (each read is a device sync)
             lv, h = seen["losses"], seen["hinted"]
             plain.append(float(lv[~h].mean()) if (~h).any() and seen["k"] == K else float("nan"))
             hinted_ce.append(float(lv[h].mean()) if h.any() else float("nan"))
             aux += [tuple(x.item() for x in seen["aux"])] if "aux" in seen else []
+            if "lookup" in seen:  # averaged over steps with the current K only
+                lookup = (lookup if seen["lookup_k"] == lookup_k else []) + [seen["lookup"].item()]
+                lookup_k = seen["lookup_k"]
         if step % 500 == 0:
             p_hint, _, shuffled = schedules(cfg, progress)
             log(f"{name} step {step} progress {progress:.2f} K {seen['k']} p_hint {p_hint:.2f} shuffled {shuffled} "
                 f"CE(no hint, K=20) {np.nanmean(plain[-10:]):.3f} CE(hint) {np.nanmean(hinted_ce[-10:]):.3f} "
-                f"binding/candidate CE {np.mean(aux[-10:], axis=0) if aux else '-'}")
+                f"binding/candidate CE {np.mean(aux[-10:], axis=0) if aux else '-'} "
+                f"lookup CE (K={lookup_k}) {np.mean(lookup[-10:]) if lookup else '-'}")
         elapsed = time.perf_counter() - started
         progress = min(1.0, step / cfg["steps"]) if cfg["steps"] else elapsed / budget
         if next_check <= progress < 1.0:
@@ -507,7 +623,8 @@ def main(argv=None) -> None:
     p.add_argument("--tmp", default="/tmp/gate_sweep")
     p.add_argument("--budget", type=float, default=330.0, help="training seconds per configuration")
     p.add_argument("--only", help="comma-separated configuration names")
-    p.add_argument("--round", type=int, default=2, help="which round of CONFIGS to run (1: curricula, 2: binding losses)")
+    p.add_argument("--round", type=int, default=3,
+                   help="which round of CONFIGS to run (1: curricula, 2: binding losses, 3: lookup + mimetic init)")
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N users only (smoke test)")
     p = sub.add_parser("worker")
     for flag in ("--name", "--config", "--data", "--log", "--result"):

@@ -79,9 +79,9 @@ def train_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[
     if not examples:
         raise ValueError("no training examples: the retriever never ranked a true next item in its top-K")
     losses = _fit(ranker, examples, catalog, config, progress)
-    save_ranker(ranker, out_dir)
     summary = {**stats, "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - started,
                "parameters": sum(p.numel() for p in ranker.model.parameters()), **asdict(config)}
+    save_ranker(ranker, out_dir, training=summary)
     return ranker, summary
 
 

@@ -31,6 +31,11 @@ def test_block_aware_training_runs_and_saves(ingested_repo, tmp_path):
     config = TrainConfig(size="micro", steps=3, batch_size=2, vocab_size=600, block_aware=True)
     result = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)
     assert result["summary"]["block_aware"] is True and (tmp_path / "ranker" / "config.json").exists()
+    from rcllm_sdk.model.ranker import fingerprint, load_ranker
+
+    loaded = load_ranker(tmp_path / "ranker")  # the folder says how its model was trained
+    assert loaded.training["block_aware"] is True and loaded.training["steps"] == 3
+    assert loaded.fingerprint == fingerprint(tmp_path / "ranker")
 
 
 def test_block_probe_prompts_and_report():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from ..prompt.template import PromptTemplate, item_token
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 TEMPLATE_FILE = "rcllm_template.json"
+TRAINING_FILE = "rcllm_training.json"  # how the SDK trained the model (absent for other checkpoints)
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +42,7 @@ class Ranker:
     template: PromptTemplate
     fingerprint: str
     path: Path | None = None
+    training: dict = field(default_factory=dict)  # TRAINING_FILE's record, e.g. {"block_aware": True, ...}
 
 
 def build_ranker(tokenizer, template: PromptTemplate, size: RankerSize = RankerSize(),
@@ -72,13 +74,17 @@ def _init_item_embeddings(model, tokenizer, item_vectors: dict[int, np.ndarray],
         emb[ids] = 0.5 * emb[ids] + scale * (vectors @ projection.T)
 
 
-def save_ranker(ranker: Ranker, path: str | Path) -> Path:
-    """Save model, tokenizer and template in Hugging Face format; returns the folder."""
+def save_ranker(ranker: Ranker, path: str | Path, training: dict | None = None) -> Path:
+    """Save model, tokenizer and template in Hugging Face format, plus the ``training`` record
+    (settings and figures of the run that made it) when given; returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ranker.model.save_pretrained(path)
     ranker.tokenizer.save_pretrained(path)
     (path / TEMPLATE_FILE).write_text(json.dumps(ranker.template.to_dict(), indent=2))
+    if training is not None:
+        ranker.training = training
+        (path / TRAINING_FILE).write_text(json.dumps(training, indent=2, default=str))
     ranker.path, ranker.fingerprint = path, fingerprint(path)
     return path
 
@@ -102,7 +108,9 @@ def load_ranker(model: str | Path, template: PromptTemplate | None = None, dtype
     if template is None:
         template = PromptTemplate(**json.loads(template_file.read_text())) if template_file.exists() \
             else PromptTemplate(item_tokens=False)
-    return Ranker(lm, tokenizer, template, fingerprint(path), path)
+    training_file = path / TRAINING_FILE
+    training = json.loads(training_file.read_text()) if training_file.exists() else {}
+    return Ranker(lm, tokenizer, template, fingerprint(path), path, training)
 
 
 def _resolve(model: str) -> Path:

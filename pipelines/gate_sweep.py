@@ -32,7 +32,7 @@ growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxili
 it). Round 3: the *lookup* task (:func:`lookup_batch`) appends (item token, label) pairs to a prompt,
 a dense label-lookup loss at every pair; ``pretrain`` is the fraction of training spent on it alone;
 ``mimetic`` starts the attention of layers >= 1 as content matchers (:func:`mimetic_init`),
-``theta`` is the RoPE base. Measured results: README, "What the ranker learns"; on CPU, e.g.
+``theta`` is the RoPE base, ``item_scale`` weighs the co-occurrence part of item-token embeddings. Measured results: README, "What the ranker learns"; on CPU, e.g.
 ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ HINT = "The user picked {item}. "
 # (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
 DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
                 k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0, bind_layer=0, mimetic=0.0, theta=10000.0,
-                lookup=0.0, lookup_pairs=20, pretrain=0.0)
+                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0)
 CONFIGS = {
     "ctrl_shuffle_small": dict(),
     "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
@@ -95,6 +95,10 @@ CONFIGS = {
     "lookup_default_init_small": dict(order="retriever", bind=1.0, bind_layer=1, lookup=0.5, pretrain=0.6),
     "lookup_default_init_micro": dict(size="micro", order="retriever", bind=1.0, bind_layer=1, lookup=0.5,
                                       pretrain=0.6),
+    # item-token embeddings with a smaller co-occurrence part: candidates the retriever proposes have
+    # near-identical co-occurrence vectors, which hides each item's identity from the lookup
+    "lookup_mimetic_small_item0.25": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                                          lookup=0.5, pretrain=0.6, item_scale=0.25),
     "mimetic_only_small": dict(order="retriever", mimetic=3.0, theta=1e6),
 }
 ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:]}
@@ -250,7 +254,8 @@ def _estimated_habits(hist, cat, sequel, n_categories: int) -> tuple[np.ndarray,
 
 # ---------------------------------------------------------------- sweep (GPU, torch + transformers)
 
-def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mimetic: float = 0.0):
+def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mimetic: float = 0.0,
+                item_scale: float = 1.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter = SIZES[size]
@@ -263,7 +268,7 @@ def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mi
                          rope_parameters={"rope_type": "default", "rope_theta": theta})
     model = LlamaForCausalLM(config)
     emb = model.get_input_embeddings().weight
-    vectors = data["item_vectors"].float()  # [n_items, dim]
+    vectors = item_scale * data["item_vectors"].float()  # [n_items, dim]
     gen = torch.Generator().manual_seed(seed)
     projection = torch.linalg.qr(torch.randn(emb.shape[1], vectors.shape[1], generator=gen))[0]  # [hidden, dim]
     scale = emb.detach().std() * (emb.shape[1] ** 0.5)
@@ -513,7 +518,8 @@ def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
     """Train one configuration for ``budget`` seconds (or ``cfg['steps']``), then evaluate it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)
-    model = build_model(data, cfg["size"], theta=cfg["theta"], mimetic=cfg["mimetic"]).to(device)
+    model = build_model(data, cfg["size"], theta=cfg["theta"], mimetic=cfg["mimetic"],
+                        item_scale=cfg["item_scale"]).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, fused=device.type == "cuda")
     started, step, progress = time.perf_counter(), 0, 0.0

@@ -3,14 +3,14 @@ keep its accuracy when blocks are reused and only a few tokens recomputed, with 
 block-aware training?
 
 The recommender's ranker here does not read content yet (README, "What the ranker learns"),
-so it cannot show what reuse costs. This probe trains two small Llama models from scratch on
+so it cannot show what reuse costs. This probe trains three small Llama models from scratch on
 the smallest task that needs the same circuit, in the same block layout the server uses:
 
     [SYSTEM] [USER: the item the user wants] ([LABEL k] [ITEM k]) x K [QUERY]  ->  label of the match
 
 and scores held-out prompts with the plain HF forward (``full``) and with ``BlockEngine`` under
-each policy. One model trains with full causal attention, the other with the block-aware mask
-(``pipelines/block_mask.py``). ``python -m rcllm_sdk.evaluation.block_probe --out FILE.json``.
+each policy. One model trains with full causal attention, one with the block-aware mask
+(``pipelines/block_mask.py``), one with half of its prompts each way (``mixed``). ``python -m rcllm_sdk.evaluation.block_probe --out FILE.json``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rcllm_sdk.cache import open_store
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
-from rcllm_sdk.pipelines.block_mask import block_attention_mask
+from rcllm_sdk.pipelines.block_mask import block_attention_mask, mixed_layouts
 from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
 from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.policies import parse_policy
@@ -77,8 +77,12 @@ def build_model(cfg: ProbeConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def train(cfg: ProbeConfig, block_aware: bool, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
-    """Train on fresh random prompts (all of one length, so no padding)."""
+MODELS = {"standard": 0.0, "block_aware": 1.0, "mixed": 0.5}  # name -> share of block-aware prompts
+
+
+def train(cfg: ProbeConfig, block_fraction: float, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+    """Train on fresh random prompts (all of one length, so no padding); each prompt sees the
+    block-aware mask with probability ``block_fraction``, plain causal attention otherwise."""
     model, rng = build_model(cfg), np.random.default_rng(cfg.seed + 1)
     labels = torch.arange(LABEL0, LABEL0 + cfg.candidates)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -88,8 +92,9 @@ def train(cfg: ProbeConfig, block_aware: bool, progress: bool = True) -> tuple[L
         batch = [make_prompt(rng, cfg) for _ in range(cfg.batch_size)]
         ids = torch.tensor([p.input_ids for p, _ in batch])
         mask = None
-        if block_aware:
-            mask = block_attention_mask([[(b.kind, len(b.token_ids)) for b in p.blocks] for p, _ in batch], ids.shape[1])
+        if block_fraction > 0:
+            layouts = [[(b.kind, len(b.token_ids)) for b in p.blocks] for p, _ in batch]
+            mask = block_attention_mask(mixed_layouts(layouts, block_fraction, rng), ids.shape[1])
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
         loss = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight[labels].T,
                                                  torch.tensor([t for _, t in batch]))
@@ -99,7 +104,7 @@ def train(cfg: ProbeConfig, block_aware: bool, progress: bool = True) -> tuple[L
         optimizer.step()
         losses.append(loss.item())
         if progress and (step % 250 == 0 or step == cfg.steps - 1):
-            print(f"  {'block-aware' if block_aware else 'standard'} step {step}: label CE "
+            print(f"  block-aware share {block_fraction:.2f} step {step}: label CE "
                   f"{np.mean(losses[-50:]):.3f} (ln K = {math.log(cfg.candidates):.3f})", flush=True)
     model.eval()
     return model, {"final_loss": float(np.mean(losses[-100:])), "train_seconds": time.perf_counter() - started}
@@ -131,8 +136,8 @@ def _accuracy(scores, targets: np.ndarray) -> float:
 
 def run(cfg: ProbeConfig, progress: bool = True) -> dict:
     report = {"config": asdict(cfg), "chance": 1 / cfg.candidates, "models": {}}
-    for name, block_aware in (("standard", False), ("block_aware", True)):
-        model, summary = train(cfg, block_aware, progress)
+    for name, block_fraction in MODELS.items():
+        model, summary = train(cfg, block_fraction, progress)
         report["models"][name] = {**summary, "results": evaluate(model, cfg)}
     return report
 

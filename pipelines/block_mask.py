@@ -37,6 +37,19 @@ def block_attention_mask(layouts: list[list[tuple[str, int]]], length: int) -> t
     return masks
 
 
+def with_full_attention(layout: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The same prompt as one fresh block: :func:`block_attention_mask` then gives it plain causal
+    attention. Mixed training (some prompts block-aware, the rest full) uses it for the full ones."""
+    return [(QUERY, sum(n for _, n in layout))]
+
+
+def mixed_layouts(layouts: list[list[tuple[str, int]]], block_fraction: float, rng) -> list[list[tuple[str, int]]]:
+    """Each prompt keeps its block layout with probability ``block_fraction``, else sees full attention."""
+    if block_fraction >= 1.0:
+        return layouts
+    return [layout if rng.random() < block_fraction else with_full_attention(layout) for layout in layouts]
+
+
 def _block_ids(layout: list[tuple[str, int]], length: int) -> torch.Tensor:
     ids = torch.full((length,), -1, dtype=torch.long)
     start = 0

@@ -97,8 +97,8 @@ CONFIGS = {
                                       pretrain=0.6),
     # item-token embeddings with a smaller co-occurrence part: candidates the retriever proposes have
     # near-identical co-occurrence vectors, which hides each item's identity from the lookup
-    "lookup_mimetic_small_item0.25": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
-                                          lookup=0.5, pretrain=0.6, item_scale=0.25),
+    "lookup_mimetic_small_item0.01": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                                          lookup=0.5, pretrain=0.6, item_scale=0.01),
     "mimetic_only_small": dict(order="retriever", mimetic=3.0, theta=1e6),
 }
 ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:]}

@@ -18,7 +18,7 @@ from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
 
-from .block_mask import block_attention_mask
+from .block_mask import block_attention_mask, mixed_layouts
 from .examples import BlockEncoder, Example, build_examples
 
 
@@ -44,6 +44,7 @@ class TrainConfig:
     # Block-aware fine-tuning: train with the attention structure `rcllm` serves with (user and
     # item blocks see only the system block and themselves; labels and query see everything).
     block_aware: bool = False
+    block_aware_fraction: float = 1.0  # with block_aware: share of prompts with the block mask, the rest full
     item_text_words: int = 0  # description words in each item block (template default: none)
 
     def __post_init__(self):
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"size must be one of {list(PRESETS)}, got {self.size!r}")
         if self.steps < 1 or self.batch_size < 1 or self.candidates < 2:
             raise ValueError("steps and batch_size must be >= 1 and candidates >= 2")
+        if not 0.0 < self.block_aware_fraction <= 1.0:
+            raise ValueError(f"block_aware_fraction must be in (0, 1], got {self.block_aware_fraction}")
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
@@ -102,7 +105,8 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         encoded = [encoder.encode_blocks(e) for e in batch]
         ids, mask, lengths = pad_batch([e[0] for e in encoded], tok.pad_token_id)
         if config.block_aware:
-            mask = block_attention_mask([layout for _, layout in encoded], ids.shape[1])
+            layouts = mixed_layouts([layout for _, layout in encoded], config.block_aware_fraction, rng)
+            mask = block_attention_mask(layouts, ids.shape[1])
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         logits = label_logits(model, at_last_token(hidden, lengths), labels)  # [B, K]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.target for e in batch]))

@@ -120,7 +120,8 @@ def _train_config(args):
     from .pipelines.train import TrainConfig
 
     return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       block_aware=args.block_aware, item_text_words=args.item_text_words)
+                       block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
+                       item_text_words=args.item_text_words)
 
 
 def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
@@ -132,6 +133,8 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> Non
                    help="description words in each item block of the trained template (0: title and category)")
     p.add_argument("--block-aware", action="store_true",
                    help="train with the block attention structure rcllm serves with (see README)")
+    p.add_argument("--block-aware-fraction", type=float, default=1.0,
+                   help="with --block-aware: share of training prompts with the block mask, the rest full attention")
 
 
 def _serving_args(p) -> None:

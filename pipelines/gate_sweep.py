@@ -56,7 +56,7 @@ HINT = "The user picked {item}. "
 # (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
 DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
                 k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0, bind_layer=0, mimetic=0.0, theta=10000.0,
-                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0)
+                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0, seed=0)
 CONFIGS = {
     "ctrl_shuffle_small": dict(),
     "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
@@ -517,8 +517,8 @@ def _pretrain_step(model, opt, data, cfg, rng, device, state: dict) -> dict:
 def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
     """Train one configuration for ``budget`` seconds (or ``cfg['steps']``), then evaluate it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rng = np.random.default_rng(0)
-    model = build_model(data, cfg["size"], theta=cfg["theta"], mimetic=cfg["mimetic"],
+    rng = np.random.default_rng(cfg["seed"])
+    model = build_model(data, cfg["size"], cfg["seed"], theta=cfg["theta"], mimetic=cfg["mimetic"],
                         item_scale=cfg["item_scale"]).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, fused=device.type == "cuda")

@@ -32,8 +32,9 @@ growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxili
 it). Round 3: the *lookup* task (:func:`lookup_batch`) appends (item token, label) pairs to a prompt,
 a dense label-lookup loss at every pair; ``pretrain`` is the fraction of training spent on it alone;
 ``mimetic`` starts the attention of layers >= 1 as content matchers (:func:`mimetic_init`),
-``theta`` is the RoPE base, ``item_scale`` weighs the co-occurrence part of item-token embeddings. Measured results: README, "What the ranker learns"; on CPU, e.g.
-``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
+``theta`` is the RoPE base, ``item_scale`` weighs the co-occurrence part of item-token
+embeddings, ``seed`` varies init and sampling. Measured results: README, "What the ranker
+learns"; on CPU, e.g. ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
 

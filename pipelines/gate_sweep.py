@@ -337,21 +337,25 @@ def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = Fa
 
 
 def binding_losses(hidden, head, spans: list[list[tuple[int, int]]], targets: list[int], bound=None):
-    """Binding: every token of candidate j's item block predicts label j (softmax over the K labels),
-    read from ``bound`` (the states after an early layer) when given. Candidate: the last token of
-    each item block scores its own label; softmax over candidates."""
+    """(binding, candidate) losses; binding is read from ``bound`` (the states after an early layer)
+    when given. Candidate: the last token of each item block scores its own label; softmax over
+    candidates."""
     device = hidden.device
-    bound = hidden if bound is None else bound
-    rows = [b for b, sp in enumerate(spans) for s, e in sp for _ in range(s, e)]
-    cols = [p for sp in spans for s, e in sp for p in range(s, e)]
-    labels = [j for sp in spans for j, (s, e) in enumerate(sp) for _ in range(s, e)]
-    logits = bound[rows, cols].float() @ head.float().T  # [N, k]
-    binding = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=device))
+    binding = binding_loss(hidden if bound is None else bound, head, spans)
     ends = torch.tensor([[e - 1 for s, e in sp] for sp in spans], device=device)  # [B, k]
     last = hidden[torch.arange(len(spans), device=device)[:, None], ends].float()  # [B, k, H]
     own = (last * head.float()[None]).sum(-1)  # [B, k]: own-label logit of each candidate
     candidate = torch.nn.functional.cross_entropy(own, torch.tensor(targets, device=device))
     return binding, candidate
+
+
+def binding_loss(states, head, spans: list[list[tuple[int, int]]]):
+    """Every token of candidate j's item block predicts label j (softmax over the K labels)."""
+    rows = [b for b, sp in enumerate(spans) for s, e in sp for _ in range(s, e)]
+    cols = [p for sp in spans for s, e in sp for p in range(s, e)]
+    labels = [j for sp in spans for j, (s, e) in enumerate(sp) for _ in range(s, e)]
+    logits = states[rows, cols].float() @ head.float().T  # [N, k]
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=states.device))
 
 
 def lookup_batch(data, rng, n: int, k: int, pairs: int):
@@ -383,7 +387,7 @@ def lookup_losses(model, data, batch, k: int, bind_layer: int, device):
     cols = [c for pos in positions for c in pos]
     logits = hidden[rows, cols].float() @ head.float().T
     lookup = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device))
-    binding, _ = binding_losses(hidden, head, spans, [0] * len(spans), bound)
+    binding = binding_loss(bound, head, spans)
     return lookup, binding
 
 

@@ -29,11 +29,14 @@ probability holds at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fra
 training). The *K schedule* shows each example the truth plus K-1 of its other candidates, K
 growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxiliary losses of
 :func:`binding_losses` (``bind_layer``: read the binding after that layer, so a later layer can use
-it). Round 3: the *lookup* task (:func:`lookup_batch`) appends (item token, label) pairs to a prompt,
-a dense label-lookup loss at every pair; ``pretrain`` is the fraction of training spent on it alone;
-``mimetic`` starts the attention of layers >= 1 as content matchers (:func:`mimetic_init`),
-``theta`` is the RoPE base, ``item_scale`` weighs the co-occurrence part of item-token
-embeddings, ``seed`` varies init and sampling. Measured results: README, "What the ranker
+it). Round 3: the *lookup* task (:func:`lookup_batch`) appends item tokens naming candidates to a
+prompt, each an isolated query that must predict its candidate's label (round 3 as first run
+appended (item token, label) pairs that saw each other, and the model learned to copy answers
+from earlier pairs instead: README); ``pretrain`` is the fraction of training spent on it alone;
+``mimetic`` starts the attention of layers >= 1 as content matchers, ``label_head`` starts layer 0
+as the label-binding head (``attention_init``), ``theta`` is the RoPE base, ``item_scale`` weighs
+the co-occurrence part of item-token embeddings, ``seed`` varies init and sampling. Round 4: the
+label head, several seeds. Measured results: README, "What the ranker
 learns"; on CPU, e.g. ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
@@ -50,6 +53,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    from .attention_init import label_head_init, mimetic_init
+except ImportError:  # run as a script (the GPU machine has torch, transformers and numpy only)
+    from attention_init import label_head_init, mimetic_init
+
 K = 20
 HINT = "The user picked {item}. "
 
@@ -57,7 +65,7 @@ HINT = "The user picked {item}. "
 # (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
 DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
                 k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0, bind_layer=0, mimetic=0.0, theta=10000.0,
-                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0, seed=0)
+                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0, label_head=0.0, head_copy=0.5, seed=0)
 CONFIGS = {
     "ctrl_shuffle_small": dict(),
     "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
@@ -101,9 +109,29 @@ CONFIGS = {
     "lookup_mimetic_small_item0.01": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
                                           lookup=0.5, pretrain=0.6, item_scale=0.01),
     "mimetic_only_small": dict(order="retriever", mimetic=3.0, theta=1e6),
+    # round 4: the lookup with isolated queries (round 3's pairs could copy answers from earlier
+    # pairs) and layer 0 started as the label-binding head (attention_init.label_head_init); three
+    # seeds each, with and without that head
+    **{f"labelhead_micro_s{seed}": dict(size="micro", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0,
+                                        theta=1e6, lookup=0.5, pretrain=0.6, item_scale=1e-4, label_head=12.0,
+                                        seed=seed) for seed in range(3)},
+    **{f"nolabelhead_micro_s{seed}": dict(size="micro", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0,
+                                          theta=1e6, lookup=0.5, pretrain=0.6, item_scale=1e-4, seed=seed)
+       for seed in range(3)},
+    "labelhead_micro3": dict(size="micro3", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                             lookup=0.5, pretrain=0.6, item_scale=1e-4, label_head=12.0),
+    "labelhead_micro3_shuffle": dict(size="micro3", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
+                                     pretrain=0.6, item_scale=1e-4, label_head=12.0),
+    "labelhead_small": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
+                            pretrain=0.6, item_scale=1e-4, label_head=12.0),
+    "labelhead_small_shuffle": dict(bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5, pretrain=0.6,
+                                    item_scale=1e-4, label_head=12.0),
 }
-ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:]}
-SIZES = {"micro": (64, 2, 2, 1, 128), "small": (128, 4, 4, 2, 384), "base": (256, 6, 8, 4, 768)}
+ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:28], 4: list(CONFIGS)[28:]}
+# name -> (hidden, layers, heads, KV heads, MLP width); micro3 gives layer 0 a second KV head, free for
+# content while the label head (attention_init) holds the first
+SIZES = {"micro": (64, 2, 2, 1, 128), "micro3": (64, 3, 2, 2, 128), "small": (128, 4, 4, 2, 384),
+         "base": (256, 6, 8, 4, 768)}
 
 
 # ---------------------------------------------------------------- export (CPU, package)
@@ -256,7 +284,7 @@ def _estimated_habits(hist, cat, sequel, n_categories: int) -> tuple[np.ndarray,
 # ---------------------------------------------------------------- sweep (GPU, torch + transformers)
 
 def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mimetic: float = 0.0,
-                item_scale: float = 1.0):
+                item_scale: float = 1.0, label_head: float = 0.0, head_copy: float = 0.5):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter = SIZES[size]
@@ -277,26 +305,9 @@ def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mi
         emb[data["item_tokens"]] = 0.5 * emb[data["item_tokens"]] + scale * (vectors @ projection.T)
     if mimetic:
         mimetic_init(model, mimetic, seed)
+    if label_head:  # from an item token back to its label: the label block is [label, newline]
+        label_head_init(model, offset=len(data["label_blocks"][0]), margin=label_head, copy_gain=head_copy, seed=seed)
     return model
-
-
-def mimetic_init(model, scale: float, seed: int = 0) -> None:
-    """Every attention layer after the first starts as a content matcher: each query head shares its
-    KV head's projection (``W_q = W_k = scale * P``, ``P`` orthonormal rows), so a token attends most to
-    tokens whose embedding matches its own (after RoPE, at short range). Layer 0 keeps the default
-    init: it has to learn positional heads (label -> item binding). After Trockman & Kolter,
-    "Mimetic Initialization of Self-Attention Layers" (2023). Measured effect: README."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    for layer in model.model.layers[1:]:
-        attn = layer.self_attn
-        dim, hidden = attn.head_dim, attn.q_proj.in_features
-        per_kv = attn.q_proj.out_features // attn.k_proj.out_features
-        with torch.no_grad():
-            for kv in range(attn.k_proj.out_features // dim):
-                basis = scale * torch.linalg.qr(torch.randn(hidden, dim, generator=gen))[0].T  # [dim, hidden]
-                attn.k_proj.weight[kv * dim:(kv + 1) * dim] = basis
-                for q in range(kv * per_kv, (kv + 1) * per_kv):
-                    attn.q_proj.weight[q * dim:(q + 1) * dim] = basis
 
 
 def prompt_ids(data: dict, user: list[int], cands: list[int], hint_item: int | None,
@@ -322,10 +333,12 @@ def pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device), lengths.to(device)
 
 
-def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = False, bind_layer: int = 0):
+def label_scores(model, data, ids, mask, lengths, k: int, with_hidden: bool = False, bind_layer: int = 0,
+                 position_ids=None):
     """Label logits at the last position; with ``with_hidden`` also the final hidden states, the label
     head rows and the (normed) states after layer ``bind_layer`` (0: the final ones) for the binding loss."""
-    out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=bind_layer > 0)
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                      output_hidden_states=bind_layer > 0)
     hidden = out.last_hidden_state  # [B, T, H]
     last = hidden[torch.arange(len(lengths), device=ids.device), lengths - 1]  # [B, H]
     head = model.get_output_embeddings().weight[data["label_ids"][:k]]  # [k, H]
@@ -360,29 +373,46 @@ def binding_loss(states, head, spans: list[list[tuple[int, int]]]):
 
 def lookup_batch(data, rng, n: int, k: int, pairs: int):
     """The dense lookup task: a prompt with ``k`` shuffled candidates and no query, followed by
-    ``pairs`` (item token, label) pairs naming random candidates; each pair's item-token position
-    must predict that candidate's label. Returns sequences, those positions, their targets, spans."""
+    ``pairs`` item tokens naming random candidates; each must predict that candidate's label.
+    The item tokens are queries isolated from one another (:func:`isolated_queries`): none sees
+    another, so an earlier query cannot give a later one its answer. Returns sequences, the query
+    positions, their targets, the candidates' item-block spans."""
     seqs, positions, targets, spans = [], [], [], []
     for row in rng.integers(0, len(data["train"]), n):
         user, cands, _ = data["train"][row]
         keep = rng.permutation(K)[:k]
         spans.append([])
         ids = prompt_ids(data, user, [cands[j] for j in keep], None, spans[-1])[: -len(data["query"])]
-        pos, tgt = [], []
-        for j in rng.integers(0, k, pairs):
-            ids.append(data["item_tokens"][cands[keep[j]]])
-            pos.append(len(ids) - 1); tgt.append(int(j))
-            ids.append(data["label_ids"][j])
-        seqs.append(ids); positions.append(pos); targets += tgt
+        picks = rng.integers(0, k, pairs)
+        positions.append(list(range(len(ids), len(ids) + pairs)))
+        targets += [int(j) for j in picks]
+        seqs.append(ids + [data["item_tokens"][cands[keep[j]]] for j in picks])
     return seqs, positions, targets, spans
+
+
+def isolated_queries(lengths: torch.Tensor, starts: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[B, 1, width, width]`` bool attention mask, ``[B, width]`` position ids) for sequences whose
+    tokens from ``starts[b]`` on are independent queries: each attends to the prompt before it and to
+    itself, at the position right after the prompt, as a query block would. Padding rows attend to
+    themselves only (finite, never read)."""
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal.repeat(len(starts), 1, 1, 1)
+    positions = torch.arange(width).repeat(len(starts), 1)
+    for b, (start, length) in enumerate(zip(starts, lengths.tolist())):
+        mask[b, 0, start:, start:] = torch.eye(width - start, dtype=torch.bool)
+        mask[b, 0, length:] = torch.eye(width, dtype=torch.bool)[length:]
+        positions[b, start:] = start
+    return mask, positions
 
 
 def lookup_losses(model, data, batch, k: int, bind_layer: int, device):
     """(lookup CE, binding CE) of a :func:`lookup_batch`."""
     seqs, positions, targets, spans = batch
-    ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
+    ids, _, lengths = pad(seqs, data["meta"]["pad"], device)
+    mask, position_ids = isolated_queries(lengths.cpu(), [pos[0] for pos in positions], ids.shape[1])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        _, hidden, head, bound = label_scores(model, data, ids, mask, lengths, k, True, bind_layer)
+        _, hidden, head, bound = label_scores(model, data, ids, mask.to(device), lengths, k, True, bind_layer,
+                                              position_ids.to(device))
     rows = [b for b, pos in enumerate(positions) for _ in pos]
     cols = [c for pos in positions for c in pos]
     logits = hidden[rows, cols].float() @ head.float().T
@@ -524,7 +554,8 @@ def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(cfg["seed"])
     model = build_model(data, cfg["size"], cfg["seed"], theta=cfg["theta"], mimetic=cfg["mimetic"],
-                        item_scale=cfg["item_scale"]).to(device)
+                        item_scale=cfg["item_scale"], label_head=cfg["label_head"],
+                        head_copy=cfg["head_copy"]).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, fused=device.type == "cuda")
     started, step, progress = time.perf_counter(), 0, 0.0
@@ -634,8 +665,9 @@ def main(argv=None) -> None:
     p.add_argument("--tmp", default="/tmp/gate_sweep")
     p.add_argument("--budget", type=float, default=330.0, help="training seconds per configuration")
     p.add_argument("--only", help="comma-separated configuration names")
-    p.add_argument("--round", type=int, default=3,
-                   help="which round of CONFIGS to run (1: curricula, 2: binding losses, 3: lookup + mimetic init)")
+    p.add_argument("--round", type=int, default=4,
+                   help="which round of CONFIGS to run (1: curricula, 2: binding losses, 3: lookup + mimetic init, "
+                        "4: + label-head init)")
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N users only (smoke test)")
     p = sub.add_parser("worker")
     for flag in ("--name", "--config", "--data", "--log", "--result"):

@@ -1,4 +1,4 @@
-"""The accuracy-gate sweep's round-3 pieces: the dense lookup task, mimetic init, a short run."""
+"""The accuracy-gate sweep's pieces: the isolated lookup task, mimetic and label-head inits, a short run."""
 import numpy as np
 import torch
 
@@ -24,20 +24,59 @@ def _data(rng) -> dict:
     }
 
 
-def test_lookup_pairs_name_a_candidate_and_its_label():
+def test_lookup_queries_name_a_candidate_after_its_label():
     rng = np.random.default_rng(0)
     data = _data(rng)
     seqs, positions, targets, spans = gs.lookup_batch(data, rng, n=4, k=5, pairs=6)
     flat = iter(targets)
     for seq, pos, sp in zip(seqs, positions, spans):
-        assert len(pos) == 6 and len(sp) == 5
+        assert len(pos) == 6 and len(sp) == 5 and pos == list(range(len(seq) - 6, len(seq)))
         for p in pos:
             target = next(flat)
-            item_token = seq[p]
             start, _ = sp[target]
-            assert seq[start] == item_token  # the pair names candidate `target`'s item
+            assert seq[start] == seq[p]  # the query names candidate `target`'s item
             assert seq[start - 2] == data["label_ids"][target]  # whose label block precedes it
-            assert seq[p + 1] == data["label_ids"][target]  # and the pair spells the answer after it
+        assert not set(seq[pos[0]:]) & set(data["label_ids"])  # no answer is spelled after the prompt
+
+
+def test_lookup_queries_cannot_see_each_other():
+    mask, positions = gs.isolated_queries(torch.tensor([7, 5]), [4, 3], width=7)
+    first = mask[0, 0]
+    assert first[:4, :4].equal(torch.ones(4, 4, dtype=torch.bool).tril()) and not first[:4, 4:].any()  # causal
+    for q in range(4, 7):
+        assert first[q, :4].all() and first[q, q] and first[q, 4:].sum() == 1  # prompt + itself only
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 4, 4]
+    assert mask[1, 0, 5:].equal(torch.eye(7, dtype=torch.bool)[5:])  # padding rows: themselves only
+    # in the model: changing one query leaves every other query's output unchanged
+    data = _data(np.random.default_rng(0))
+    model = gs.build_model(data, "micro").eval()
+    seqs, pos, _, _ = gs.lookup_batch(data, np.random.default_rng(1), n=1, k=5, pairs=3)
+    other = [list(seqs[0]) for _ in range(2)]
+    other[1][pos[0][1]] = data["item_tokens"][-1]
+    states = []
+    for seq in other:
+        ids, _, lengths = gs.pad([seq], 0, torch.device("cpu"))
+        mask, position_ids = gs.isolated_queries(lengths, [pos[0][0]], ids.shape[1])
+        with torch.no_grad():
+            states.append(model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state)
+    for p in (pos[0][0], pos[0][2]):
+        assert torch.allclose(states[0][0, p], states[1][0, p], atol=1e-6)
+    assert not torch.allclose(states[0][0, pos[0][1]], states[1][0, pos[0][1]])
+
+
+def test_label_head_init_attends_from_each_item_token_to_its_label():
+    data = _data(np.random.default_rng(0))
+    model = gs.build_model(data, "micro", label_head=12.0, item_scale=1e-4).eval()  # as in round 4
+    model.config._attn_implementation = "eager"
+    user, cands, _ = data["test"][0]
+    spans = []
+    ids = torch.tensor([gs.prompt_ids(data, user, cands, None, spans)])
+    with torch.no_grad():
+        attention = model.model(input_ids=ids, output_attentions=True).attentions[0][0, 0]  # layer 0, head 0
+    to_label = torch.stack([attention[start, start - 2] for start, _ in spans])
+    assert (to_label > 0.98).all(), to_label
+    others = [attention[s, s - 1] for s, _ in spans] + [attention[s, s] for s, _ in spans]
+    assert max(float(x) for x in others) < 0.05
 
 
 def test_mimetic_init_shares_query_and_key_projections_after_layer_0():

@@ -1,5 +1,6 @@
 """The accuracy-gate sweep's pieces: the isolated lookup task, mimetic and label-head inits, a short run."""
 import numpy as np
+import pytest
 import torch
 
 from rcllm_sdk.pipelines import gate_sweep as gs
@@ -94,10 +95,11 @@ def test_mimetic_init_shares_query_and_key_projections_after_layer_0():
     assert model.config.rope_parameters["rope_theta"] == 1e6
 
 
-def test_round_3_training_runs_pretraining_then_ranking():
+@pytest.mark.parametrize("name", ["lookup_mimetic_micro", "labelhead_micro3"])
+def test_lookup_rounds_train_pretraining_then_ranking(name):
     rng = np.random.default_rng(0)
     data = _data(rng)
-    cfg = {**gs.DEFAULTS, **gs.CONFIGS["lookup_mimetic_micro"], "steps": 6, "batch": 4}
+    cfg = {**gs.DEFAULTS, **gs.CONFIGS[name], "steps": 6, "batch": 4}
     lines = []
     result = gs.train_one("tiny", cfg, data, budget=1.0, log=lines.append)
     assert result["steps"] == 6

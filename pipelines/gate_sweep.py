@@ -24,20 +24,20 @@ same test candidates: the ceiling any learned ranker can reach::
     python pipelines/gate_sweep.py headroom --repo /tmp/gate_repo
 
 Terms: a *hint* example's query names the answer ("The user picked <i42>. Which candidate ...
-Answer:"), so the model only has to find the label in front of that item; the hint
-probability holds at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of
-training). The *K schedule* shows each example the truth plus K-1 of its other candidates, K
-growing from ``k_start`` to 20 at ``k_end``. ``bind``/``cand`` weight the auxiliary losses of
-:func:`binding_losses` (``bind_layer``: read the binding after that layer, so a later layer can use
-it). Round 3: the *lookup* task (:func:`lookup_batch`) appends item tokens naming candidates to a
-prompt, each an isolated query that must predict its candidate's label (round 3 as first run
-appended (item token, label) pairs that saw each other, and the model learned to copy answers
-from earlier pairs instead: README); ``pretrain`` is the fraction of training spent on it alone;
-``mimetic`` starts the attention of layers >= 1 as content matchers, ``label_head`` starts layer 0
-as the label-binding head (``attention_init``), ``theta`` is the RoPE base, ``item_scale`` weighs
-the co-occurrence part of item-token embeddings, ``seed`` varies init and sampling. Round 4: the
-label head, several seeds. Measured results: README, "What the ranker
-learns"; on CPU, e.g. ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
+Answer:"), so the model only has to find the label in front of that item; the hint probability holds
+at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of training). The *K schedule*
+shows each example the truth plus K-1 of its other candidates, K growing from ``k_start`` to 20 at
+``k_end`` (from the end of lookup pretraining, when there is one). ``bind``/``cand`` weight the
+auxiliary losses of :func:`binding_losses` (``bind_layer``: read the binding after that layer, so a
+later layer can use it). Round 3: the *lookup* task (:func:`lookup_batch`) appends item tokens
+naming candidates to a prompt, each an isolated query that must predict its candidate's label (round
+3 as first run appended (item token, label) pairs that saw each other, and the model learned to copy
+answers from earlier pairs instead: README); ``pretrain`` is the fraction of training spent on it
+alone; ``mimetic`` starts the attention of layers >= 1 as content matchers, ``label_head`` starts
+layer 0 as the label-binding head (``attention_init``), ``theta`` is the RoPE base, ``item_scale``
+weighs the co-occurrence part of item-token embeddings, ``seed`` varies init and sampling. Round 4:
+the label head, several seeds. Measured results: README, "What the ranker learns"; on CPU, e.g.
+``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
 
@@ -122,6 +122,11 @@ CONFIGS = {
                              lookup=0.5, pretrain=0.6, item_scale=1e-4, label_head=12.0),
     "labelhead_micro3_shuffle": dict(size="micro3", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
                                      pretrain=0.6, item_scale=1e-4, label_head=12.0),
+    # the ranking loss with its own K schedule (2 -> 20 over the ranking phase) after the lookup
+    "labelhead_micro3_k": dict(size="micro3", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                               lookup=0.5, pretrain=0.4, item_scale=1e-4, label_head=12.0, k_end=0.9),
+    "labelhead_micro3_k_shuffle": dict(size="micro3", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
+                                       pretrain=0.4, item_scale=1e-4, label_head=12.0, k_end=0.9),
     "labelhead_small": dict(order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5,
                             pretrain=0.6, item_scale=1e-4, label_head=12.0),
     "labelhead_small_shuffle": dict(bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5, pretrain=0.6,
@@ -429,9 +434,10 @@ def schedules(cfg: dict, progress: float) -> tuple[float, int, bool]:
         p_hint = 1.0
     else:
         p_hint = 1.0 - (progress - cfg["hint_hold"]) / (cfg["hint_end"] - cfg["hint_hold"])
-    k = K
-    if cfg["k_end"] > 0 and progress < cfg["k_end"]:
-        k = int(round(cfg["k_start"] + (K - cfg["k_start"]) * progress / cfg["k_end"]))
+    k = K  # the K schedule runs from the end of lookup pretraining (0 without it) to k_end
+    start = cfg["pretrain"]
+    if cfg["k_end"] > start and progress < cfg["k_end"]:
+        k = int(round(cfg["k_start"] + (K - cfg["k_start"]) * max(0.0, progress - start) / (cfg["k_end"] - start)))
     order = cfg["order"]
     shuffled = order == "shuffle" or (order == "retriever_after_hint" and p_hint > 0)
     return p_hint, min(k, K), shuffled

@@ -106,3 +106,11 @@ def test_lookup_rounds_train_pretraining_then_ranking(name):
     for split in ("val", "test"):
         assert 0.0 <= result[split]["ndcg10"] <= 1.0 and np.isfinite(result[split]["label_ce"])
     assert any("done steps 6" in line for line in lines)
+
+
+def test_k_schedule_starts_after_lookup_pretraining():
+    k_at = lambda cfg, p: gs.schedules({**gs.DEFAULTS, **cfg}, p)[1]  # noqa: E731
+    after_lookup = dict(pretrain=0.4, k_end=0.9)
+    assert [k_at(after_lookup, p) for p in (0.0, 0.4, 0.65, 0.9, 1.0)] == [2, 2, 11, 20, 20]
+    assert [k_at(dict(k_end=0.5), p) for p in (0.0, 0.25, 0.5)] == [2, 11, 20]  # no pretraining: from the start
+    assert k_at(dict(pretrain=0.6), 0.7) == gs.K  # no schedule

@@ -19,7 +19,8 @@ the same 20 candidates with a paired bootstrap interval, writes ``$OUT/results.j
     python pipelines/gate_sweep.py sweep --round 1 --data bench_out/gate/data.pt --out $OUT --budget 330
 
 ``headroom`` (CPU): NDCG@10 of rankers that know the synthetic generator's mechanism, on the
-same test candidates: the ceiling any learned ranker can reach::
+same test candidates (the ceiling any learned ranker can reach), and of a linear ranker over
+features every prompt shows, trained on the same examples (what the data can teach)::
 
     python pipelines/gate_sweep.py headroom --repo /tmp/gate_repo
 
@@ -36,7 +37,8 @@ answers from earlier pairs instead: README); ``pretrain`` is the fraction of tra
 alone; ``mimetic`` starts the attention of layers >= 1 as content matchers, ``label_head`` starts
 layer 0 as the label-binding head (``attention_init``), ``theta`` is the RoPE base, ``item_scale``
 weighs the co-occurrence part of item-token embeddings, ``seed`` varies init and sampling. Round 4:
-the label head, several seeds. Measured results: README, "What the ranker learns"; on CPU, e.g.
+the label head, several seeds. Round 5: ``recall_last`` ends each prompt with the user's last item token
+(the ranking is read there). Measured results: README, "What the ranker learns"; on CPU, e.g.
 ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 from __future__ import annotations
@@ -65,7 +67,8 @@ HINT = "The user picked {item}. "
 # (always retriever order), "retriever_after_hint" (shuffled while hints are shown).
 DEFAULTS = dict(size="small", batch=32, lr=2e-3, warmup=30, order="shuffle", hint_hold=0.0, hint_end=0.0,
                 k_end=0.0, k_start=2, steps=0, bind=0.0, cand=0.0, bind_layer=0, mimetic=0.0, theta=10000.0,
-                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0, label_head=0.0, head_copy=0.5, seed=0)
+                lookup=0.0, lookup_pairs=20, pretrain=0.0, item_scale=1.0, label_head=0.0, head_copy=0.5, seed=0,
+                recall_last=False)
 CONFIGS = {
     "ctrl_shuffle_small": dict(),
     "hint_shuffle_small": dict(hint_hold=0.1, hint_end=0.5),
@@ -131,8 +134,21 @@ CONFIGS = {
                             pretrain=0.6, item_scale=1e-4, label_head=12.0),
     "labelhead_small_shuffle": dict(bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6, lookup=0.5, pretrain=0.6,
                                     item_scale=1e-4, label_head=12.0),
+    # round 5 (the synthetic world with sequel habits 0.0/0.3): the prompt ends with the user's last
+    # item token, so the lookup circuit's query is the item the answer most depends on
+    "recall_labelhead_micro3": dict(size="micro3", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0,
+                                    theta=1e6, lookup=0.5, pretrain=0.4, item_scale=1e-4, label_head=12.0,
+                                    recall_last=True),
+    "recall_labelhead_micro3_item0.3": dict(size="micro3", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0,
+                                            theta=1e6, lookup=0.5, pretrain=0.4, item_scale=0.3, label_head=12.0,
+                                            recall_last=True),
+    # no lookup task: the similarity matcher that mimetic init starts layers >= 1 as, queried by the last
+    # item and fed with co-occurrence item vectors, is the ranking prior; binding loss keeps layer 0's labels
+    "recall_direct_micro3": dict(size="micro3", order="retriever", bind=1.0, bind_layer=1, mimetic=3.0, theta=1e6,
+                                 label_head=12.0, recall_last=True),
 }
-ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:28], 4: list(CONFIGS)[28:]}
+ROUNDS = {1: list(CONFIGS)[:10], 2: list(CONFIGS)[10:19], 3: list(CONFIGS)[19:28], 4: list(CONFIGS)[28:40],
+          5: list(CONFIGS)[40:]}
 # name -> (hidden, layers, heads, KV heads, MLP width); micro3 gives layer 0 a second KV head, free for
 # content while the label head (attention_init) holds the first
 SIZES = {"micro": (64, 2, 2, 1, 128), "micro3": (64, 3, 2, 2, 128), "small": (128, 4, 4, 2, 384),
@@ -208,8 +224,9 @@ def export(repo: Path, out: Path) -> None:
 
 # ---------------------------------------------------------------- headroom (CPU, package)
 
-def headroom(repo: Path) -> None:
-    """Test-user NDCG@10 of mechanism-aware rankers vs the retriever on the serving candidates."""
+def headroom(repo: Path, sequel_habits: tuple[float, ...] | None = None) -> None:
+    """Test-user NDCG@10 of mechanism-aware rankers vs the retriever on the serving candidates, for the
+    default synthetic world (``sequel_habits``: the value ``repo`` was ingested with, when not default)."""
     import polars as pl
 
     from rcllm_sdk.data import synthetic as syn
@@ -217,7 +234,8 @@ def headroom(repo: Path) -> None:
     from rcllm_sdk.evaluation.metrics import paired_difference
     from rcllm_sdk.retrieval import Retriever
 
-    cfg = syn.SyntheticConfig()  # the default world; replay its draws to recover each user's habits
+    cfg = syn.SyntheticConfig(**({"sequel_habits": sequel_habits} if sequel_habits else {}))
+    # replay the world's draws to recover each user's habits
     rng = np.random.default_rng(cfg.seed)
     items, series_of, part_of = syn._build_items(cfg, rng)
     cat = np.array([syn._CATEGORIES.index(c) for c in items["category"]])
@@ -226,7 +244,7 @@ def headroom(repo: Path) -> None:
     habits = {}
     for user in range(1, cfg.n_users + 1):  # the same draws, in the same order, as synthetic.generate
         pref = rng.dirichlet(np.full(cfg.n_categories, 0.25))
-        p_seq, p_stay = rng.choice([0.05, 0.9]), rng.choice([0.1, 0.7])
+        p_seq, p_stay = syn.user_habits(cfg, rng)
         walker.walk(int(rng.integers(cfg.min_len, cfg.max_len + 1)), pref, p_seq, p_stay)
         rng.integers(0, 86_400 * 30)
         habits[user] = (pref, p_seq, p_stay)
@@ -235,15 +253,19 @@ def headroom(repo: Path) -> None:
     truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
     retriever = Retriever.load(repo / "data" / "retriever.npz")
     sequel = walker.sequel  # 0-based item -> its next part, or -1
-    ranks = {name: [] for name in ("retriever", "true habits", "estimated habits", "sequel>category>retriever")}
+    linear = fit_linear_ranker(repo, retriever)
+    ranks = {name: [] for name in ("retriever", "true habits", "estimated habits", "sequel>category>retriever",
+                                   "learned linear")}
     for user, hist, _ in histories(inter, exclude=(TEST,)).iter_rows():
         cands = retriever.candidates(list(hist), K)
         h, c = [i - 1 for i in hist], np.array(cands) - 1
         t = cands.index(truth[user]) if truth[user] in cands else -1
-        est = _estimated_habits(h, cat, sequel, cfg.n_categories)
+        est = _estimated_habits(h, cat, sequel, cfg)
         scores = {"true habits": _next_item_probability(h, c, cat, sequel, popularity, *habits[user]),
                   "estimated habits": _next_item_probability(h, c, cat, sequel, counts, *est),
-                  "sequel>category>retriever": 2.0 * (c == sequel[h[-1]]) + (cat[c] == cat[h[-1]]) - 0.01 * np.arange(K)}
+                  "sequel>category>retriever": (2.0 * (c == sequel[h[-1]]) + (cat[c] == cat[h[-1]])
+                                                - 0.01 * np.arange(K)),
+                  "learned linear": linear(list(hist), cands)}
         ranks["retriever"].append(t)
         for name, score in scores.items():
             ranks[name].append(int(np.flatnonzero(np.argsort(-score, kind="stable") == t)[0]) if t >= 0 else -1)
@@ -253,6 +275,53 @@ def headroom(repo: Path) -> None:
         d = paired_difference(np.array(r), base)
         print(f"{name}: NDCG@10 {ndcg10(np.array(r)).mean():.4f}, diff {d['mean']:+.4f} "
               f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ndcg10(np.array(r)).mean() / ndcg10(base).mean() - 1:+.1%}")
+
+
+def fit_linear_ranker(repo: Path, serving, steps: int = 300):
+    """A linear softmax ranker over features any prompt shows (:func:`_prompt_features`), trained on
+    the cross-fitted examples ``rcllm train`` uses; returns ``score(history, candidates)``. It says
+    whether the training data can teach content beyond the retriever, whatever the model."""
+    from rcllm_sdk.ingest import read_manifest
+    from rcllm_sdk.pipelines.examples import build_examples
+    from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
+
+    catalog = catalog_from_repo(repo)
+    features = lambda hist, cands: _prompt_features(hist, cands, catalog, serving)  # noqa: E731
+    examples, _ = build_examples(cross_fitted_groups(repo, read_manifest(repo)), K, max_examples=10**7, seed=0)
+    x = torch.tensor(np.stack([features(e.history, e.candidates) for e in examples]), dtype=torch.float32)
+    y = torch.tensor([e.target for e in examples])
+    weights = torch.zeros(x.shape[2], requires_grad=True)
+    optimiser = torch.optim.Adam([weights], lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x @ weights, y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    w = weights.detach().numpy()
+    print(f"learned linear ranker: {len(examples)} examples, train CE {loss.item():.3f}; weights of same category, "
+          f"category share, cosine, next part: {', '.join(f'{v:+.2f}' for v in w[K:])}")
+    return lambda hist, cands: features(hist, cands) @ w
+
+
+def _prompt_features(hist: list[int], cands: list[int], catalog: dict, retriever) -> np.ndarray:
+    """``[len(cands), K + 4]``: candidate position (one-hot: the retriever's order), same category as
+    the last item, share of the last 10 items in the candidate's category, cosine of the co-occurrence
+    vectors item tokens start from, and "next part of the last item's series" (read off the titles)."""
+    def series(item):
+        name, _, part = catalog[item].title.rpartition(" Part ")
+        return name, int(part) if part.isdigit() else -1
+
+    emb = retriever.embeddings / np.maximum(np.linalg.norm(retriever.embeddings, axis=1, keepdims=True), 1e-9)
+    last, recent = hist[-1], [catalog[i].category for i in hist[-10:]]
+    (last_series, last_part), out = series(last), np.zeros((len(cands), K + 4))
+    for n, c in enumerate(cands):
+        name, part = series(c)
+        out[n, n] = 1.0
+        same_category = catalog[c].category == catalog[last].category
+        share = recent.count(catalog[c].category) / len(recent)
+        cosine = emb[retriever.index[c]] @ emb[retriever.index[last]]
+        out[n, K:] = (same_category, share, cosine, name == last_series and part == last_part + 1)
+    return out
 
 
 def _next_item_probability(hist, cands, cat, sequel, popularity, pref, p_seq, p_stay) -> np.ndarray:
@@ -268,15 +337,16 @@ def _next_item_probability(hist, cands, cat, sequel, popularity, pref, p_seq, p_
     return (1 - p_seq) * other + p_seq * (cands == sequel[last])
 
 
-def _estimated_habits(hist, cat, sequel, n_categories: int) -> tuple[np.ndarray, float, float]:
+def _estimated_habits(hist, cat, sequel, cfg) -> tuple[np.ndarray, float, float]:
     """Posterior-mean habits from the history alone (the priors of synthetic.generate)."""
-    log_seq, log_stay = np.zeros(2), np.zeros(2)
-    seq_values, stay_values = np.array([0.05, 0.9]), np.array([0.1, 0.7])
+    seq_values, stay_values = np.array(cfg.sequel_habits), np.array(cfg.stay_habits)
+    log_seq, log_stay, n_categories = np.zeros(len(seq_values)), np.zeros(len(stay_values)), cfg.n_categories
     for n in range(1, len(hist)):
         a, b = hist[n - 1], hist[n]
         open_sequel = sequel[a] >= 0 and sequel[a] not in hist[:n]
         if open_sequel:
-            log_seq += np.log(seq_values if b == sequel[a] else 1 - seq_values)
+            with np.errstate(divide="ignore"):  # a habit value of 0 or 1 rules a habit out: log 0
+                log_seq += np.log(seq_values if b == sequel[a] else 1 - seq_values)
         if not (open_sequel and b == sequel[a]):
             same = cat[a] == cat[b]
             log_stay += np.log(stay_values + (1 - stay_values) / n_categories if same
@@ -316,17 +386,33 @@ def build_model(data: dict, size: str, seed: int = 0, theta: float = 10000.0, mi
 
 
 def prompt_ids(data: dict, user: list[int], cands: list[int], hint_item: int | None,
-               spans: list | None = None) -> list[int]:
-    """Token ids of one prompt; appends each item block's ``(start, end)`` to ``spans`` when given."""
+               spans: list | None = None, tail_item: int | None = None) -> list[int]:
+    """Token ids of one prompt; appends each item block's ``(start, end)`` to ``spans`` when given.
+    ``tail_item`` (``recall_last``) ends the prompt with that item's token, after the query."""
     ids = data["system"] + user
     for k, c in enumerate(cands):
         ids.extend(data["label_blocks"][k])
         if spans is not None:
             spans.append((len(ids), len(ids) + len(data["item_lines"][c])))
         ids.extend(data["item_lines"][c])
+    if tail_item is not None:
+        return ids + data["query"] + [data["item_tokens"][tail_item]]
     if hint_item is None:
         return ids + data["query"]
     return ids + data["hint_prefix"] + [data["item_tokens"][hint_item]] + data["hint_suffix"]
+
+
+def last_item(data: dict, user: list[int]) -> int:
+    """Dense index of the last item named in a user block's token ids."""
+    if "_item_of_token" not in data:
+        data["_item_of_token"] = {t: n for n, t in enumerate(data["item_tokens"])}
+    return next(data["_item_of_token"][t] for t in reversed(user) if t in data["_item_of_token"])
+
+
+def query_item(data: dict, user: list[int], recall_last: bool) -> int | None:
+    """The item that ends a prompt: with ``recall_last`` the user's last item (the ranking is read at
+    its token, as the lookup task reads a candidate's label at a query item token), else none."""
+    return last_item(data, user) if recall_last else None
 
 
 def pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -453,7 +539,9 @@ def sample_batch(data, rng, cfg, progress):
             keep = rng.permutation(keep)
         hint = rng.random() < p_hint
         spans.append([])
-        seqs.append(prompt_ids(data, user, [cands[i] for i in keep], cands[target] if hint else None, spans[-1]))
+        tail = query_item(data, user, cfg["recall_last"])
+        hint_item = cands[target] if hint else None
+        seqs.append(prompt_ids(data, user, [cands[i] for i in keep], hint_item, spans[-1], tail))
         targets.append(int(np.flatnonzero(keep == target)[0]))
         hinted.append(hint)
     return seqs, targets, hinted, k, spans
@@ -479,7 +567,7 @@ def _versus_retriever(ranks: np.ndarray, retr: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, data, rows, device, batch: int = 256) -> dict:
+def evaluate(model, data, rows, device, batch: int = 256, recall_last: bool = False) -> dict:
     """Rank of the truth under the ranker (last-position label logits, as served) and under retriever
     order: NDCG@10 and the paired bootstrap interval of the difference. ``per_candidate`` ranks by
     each item block's own-label logit at its last token (what the candidate loss trains)."""
@@ -488,7 +576,8 @@ def evaluate(model, data, rows, device, batch: int = 256) -> dict:
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         spans = [[] for _ in chunk]
-        seqs = [prompt_ids(data, u, c, None, sp) for (u, c, _), sp in zip(chunk, spans)]
+        seqs = [prompt_ids(data, u, c, None, sp, query_item(data, u, recall_last))
+                for (u, c, _), sp in zip(chunk, spans)]
         ids, mask, lengths = pad(seqs, data["meta"]["pad"], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             scores, hidden, head, _ = label_scores(model, data, ids, mask, lengths, K, with_hidden=True)
@@ -587,13 +676,15 @@ def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
         elapsed = time.perf_counter() - started
         progress = min(1.0, step / cfg["steps"]) if cfg["steps"] else elapsed / budget
         if next_check <= progress < 1.0:
-            checkpoints[f"{next_check:.2f}"] = {"step": step, "val": evaluate(model, data, data["val"], device)}
-            log(f"{name} checkpoint {next_check:.2f} step {step} val {json.dumps(checkpoints[f'{next_check:.2f}']['val'])}")
+            val = evaluate(model, data, data["val"], device, recall_last=cfg["recall_last"])
+            checkpoints[f"{next_check:.2f}"] = {"step": step, "val": val}
+            log(f"{name} checkpoint {next_check:.2f} step {step} val {json.dumps(val)}")
             next_check += 0.25
     seconds = time.perf_counter() - started
     result = {"name": name, "config": cfg, "steps": step, "train_seconds": seconds,
               "steps_per_second": step / seconds, "checkpoints": checkpoints,
-              "val": evaluate(model, data, data["val"], device), "test": evaluate(model, data, data["test"], device)}
+              "val": evaluate(model, data, data["val"], device, recall_last=cfg["recall_last"]),
+              "test": evaluate(model, data, data["test"], device, recall_last=cfg["recall_last"])}
     log(f"{name} done steps {step} in {seconds:.0f}s test {json.dumps(result['test'])}")
     return result
 
@@ -665,15 +756,17 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench_out/gate/data.pt")
     p = sub.add_parser("headroom")
     p.add_argument("--repo", default="/tmp/gate_repo")
+    p.add_argument("--sequel-habits", type=lambda text: tuple(float(v) for v in text.split(",")),
+                   help="the value the repo was ingested with (default: the generator's)")
     p = sub.add_parser("sweep")
     p.add_argument("--data", default="bench_out/gate/data.pt")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))
     p.add_argument("--tmp", default="/tmp/gate_sweep")
     p.add_argument("--budget", type=float, default=330.0, help="training seconds per configuration")
     p.add_argument("--only", help="comma-separated configuration names")
-    p.add_argument("--round", type=int, default=4,
+    p.add_argument("--round", type=int, default=5,
                    help="which round of CONFIGS to run (1: curricula, 2: binding losses, 3: lookup + mimetic init, "
-                        "4: + label-head init)")
+                        "4: + label-head init, 5: + the prompt ends with the last history item)")
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N users only (smoke test)")
     p = sub.add_parser("worker")
     for flag in ("--name", "--config", "--data", "--log", "--result"):
@@ -684,7 +777,7 @@ def main(argv=None) -> None:
     if args.command == "export":
         export(Path(args.repo), Path(args.out))
     elif args.command == "headroom":
-        headroom(Path(args.repo))
+        headroom(Path(args.repo), args.sequel_habits)
     elif args.command == "sweep":
         sweep(args)
     else:

@@ -16,8 +16,16 @@ DEMO_REPO = "feature_repo"
 def _synthetic(args):
     from .data.synthetic import SyntheticConfig
 
+    habits = {name: getattr(args, name) for name in ("sequel_habits", "stay_habits") if getattr(args, name)}
     return SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed,
-                           description_words=args.description_words)
+                           description_words=args.description_words, **habits)
+
+
+def _probabilities(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated probabilities such as 0.0,0.3, got {text!r}")
 
 
 def cmd_ingest(args) -> None:
@@ -113,6 +121,10 @@ def _data_args(p, users: int, items: int) -> None:
     p.add_argument("--users", type=int, default=users, help="synthetic: number of users")
     p.add_argument("--items", type=int, default=items, help="synthetic: number of items")
     p.add_argument("--description-words", type=int, default=24, help="synthetic: words per item description")
+    p.add_argument("--sequel-habits", type=_probabilities,
+                   help="synthetic: each user's p_sequel is one of these (comma-separated; default 0.0,0.3)")
+    p.add_argument("--stay-habits", type=_probabilities,
+                   help="synthetic: each user's p_stay is one of these (comma-separated; default 0.1,0.7)")
     p.add_argument("--seed", type=int, default=7)
 
 

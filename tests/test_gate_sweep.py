@@ -95,7 +95,7 @@ def test_mimetic_init_shares_query_and_key_projections_after_layer_0():
     assert model.config.rope_parameters["rope_theta"] == 1e6
 
 
-@pytest.mark.parametrize("name", ["lookup_mimetic_micro", "labelhead_micro3"])
+@pytest.mark.parametrize("name", ["lookup_mimetic_micro", "labelhead_micro3", "recall_labelhead_micro3"])
 def test_lookup_rounds_train_pretraining_then_ranking(name):
     rng = np.random.default_rng(0)
     data = _data(rng)
@@ -114,3 +114,32 @@ def test_k_schedule_starts_after_lookup_pretraining():
     assert [k_at(after_lookup, p) for p in (0.0, 0.4, 0.65, 0.9, 1.0)] == [2, 2, 11, 20, 20]
     assert [k_at(dict(k_end=0.5), p) for p in (0.0, 0.25, 0.5)] == [2, 11, 20]  # no pretraining: from the start
     assert k_at(dict(pretrain=0.6), 0.7) == gs.K  # no schedule
+
+
+def test_recall_last_ends_the_prompt_with_the_last_history_item():
+    rng = np.random.default_rng(0)
+    data = _data(rng)
+    user, cands, _ = data["train"][0]
+    assert gs.last_item(data, user) == user[-2] - ITEM0  # user rows are [item, newline] * 3
+    ids = gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, recall_last=True))
+    assert ids[-4:] == data["query"] + [user[-2]]
+    assert gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, False))[-3:] == data["query"]
+
+
+def test_prompt_features_read_position_category_share_cosine_and_next_part():
+    from types import SimpleNamespace
+
+    from rcllm_sdk.prompt import ItemInfo
+
+    catalog = {1: ItemInfo(1, "Kalo Saga Part 1", "Space"), 2: ItemInfo(2, "Kalo Saga Part 2", "Space"),
+               3: ItemInfo(3, "Kalo Saga Part 3", "Space"), 4: ItemInfo(4, "Mira Tale Part 2", "Cooking"),
+               5: ItemInfo(5, "Vosh Guide Part 1", "Cooking")}
+    embeddings = np.array([[1, 0], [1, 0], [0, 2], [3, 4], [0, 1]], dtype=float)
+    retriever = SimpleNamespace(embeddings=embeddings, index={i: i - 1 for i in catalog})
+    hist, cands = [5, 1, 5, 2], [3, 4, 1]  # last item: Kalo Saga Part 2 (Space)
+    f = gs._prompt_features(hist, cands, catalog, retriever)
+    assert f.shape == (3, gs.K + 4)
+    assert (f[:, :3] == np.eye(3)).all() and not f[:, 3:gs.K].any()  # the position one-hot
+    np.testing.assert_allclose(f[:, gs.K:], [[1, 0.5, 0.0, 1],    # Part 3 follows Part 2; orthogonal vectors
+                                             [0, 0.5, 0.6, 0],    # Cooking: 2 of 4; cosine 3/5
+                                             [1, 0.5, 1.0, 0]])   # Part 1 precedes it; same vector

@@ -91,3 +91,33 @@ def test_synthetic_is_deterministic_and_has_descriptions(tiny_world):
     assert items["text"].str.split(" ").list.len().min() >= TINY.description_words
     lengths = interactions.group_by("user_id").len()["len"]
     assert lengths.min() >= TINY.min_len - 1 and lengths.max() <= TINY.max_len
+
+
+def test_synthetic_habits_set_how_often_users_continue_a_series():
+    from rcllm_sdk.data.synthetic import SyntheticConfig, generate
+
+    def sequel_rate(habits):
+        interactions, items = generate(SyntheticConfig(n_users=60, n_items=200, n_categories=4, seed=3,
+                                                       sequel_habits=habits))
+        title = dict(zip(items["item_id"], items["title"]))
+        series = lambda i: title[i].rpartition(" Part ")  # noqa: E731
+        steps = [(a, b) for seq in interactions.group_by("user_id", maintain_order=True).agg("item_id")["item_id"]
+                 for a, b in zip(seq[:-1], seq[1:])]
+        nexts = [series(b)[0] == series(a)[0] and int(series(b)[2]) == int(series(a)[2]) + 1 for a, b in steps]
+        return sum(nexts) / len(nexts)
+
+    assert sequel_rate((1.0,)) > 0.4 > 0.05 > sequel_rate((0.0,))
+    with pytest.raises(ValueError, match="sequel_habits"):
+        SyntheticConfig(sequel_habits=(1.5,))
+    with pytest.raises(ValueError, match="stay_habits"):
+        SyntheticConfig(stay_habits=())
+
+
+def test_cli_passes_synthetic_habits_and_rejects_non_numbers():
+    from rcllm_sdk.cli import _synthetic, build_parser
+
+    parse = lambda *argv: build_parser().parse_args(["ingest", "--repo", "r", *argv])  # noqa: E731
+    assert _synthetic(parse("--sequel-habits", "0.05,0.9")).sequel_habits == (0.05, 0.9)
+    assert _synthetic(parse()).sequel_habits == (0.0, 0.3)
+    with pytest.raises(SystemExit):
+        parse("--stay-habits", "often")

@@ -46,6 +46,8 @@ class SyntheticConfig:
     zipf_exponent: float = 0.9
     series_len: tuple[int, int] = (2, 6)
     description_words: int = 24
+    sequel_habits: tuple[float, ...] = (0.0, 0.3)  # p_sequel of each user: one of these, uniformly
+    stay_habits: tuple[float, ...] = (0.1, 0.7)  # p_stay of each user: one of these, uniformly
     seed: int = 7
 
     def __post_init__(self):
@@ -55,6 +57,11 @@ class SyntheticConfig:
             raise ValueError("n_items must be at least 10 per category")
         if not 3 <= self.min_len <= self.max_len:
             raise ValueError("need 3 <= min_len <= max_len (leave-one-out takes two items)")
+        for name in ("sequel_habits", "stay_habits"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if not values or not all(0.0 <= v <= 1.0 for v in values):
+                raise ValueError(f"{name} must be one or more probabilities in [0, 1], got {values}")
+            setattr(self, name, values)
 
 
 def _word(rng: np.random.Generator, n_syllables: int) -> str:
@@ -135,6 +142,12 @@ class _UserWalker:
         return choice
 
 
+def user_habits(cfg: SyntheticConfig, rng) -> tuple[float, float]:
+    """One user's ``(p_sequel, p_stay)`` (two draws from ``rng``, whatever the values)."""
+    return (float(cfg.sequel_habits[rng.integers(len(cfg.sequel_habits))]),
+            float(cfg.stay_habits[rng.integers(len(cfg.stay_habits))]))
+
+
 def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Return ``(interactions, items)``: ``user_id,item_id,timestamp`` and ``item_id,title,category,text``.
 
@@ -150,7 +163,7 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
     start = 1_600_000_000
     for user in range(1, cfg.n_users + 1):
         preference = rng.dirichlet(np.full(cfg.n_categories, 0.25))
-        p_sequel, p_stay = rng.choice([0.05, 0.9]), rng.choice([0.1, 0.7])
+        p_sequel, p_stay = user_habits(cfg, rng)
         length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
         seq = walker.walk(length, preference, p_sequel, p_stay)
         t0 = start + int(rng.integers(0, 86_400 * 30))

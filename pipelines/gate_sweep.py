@@ -225,8 +225,8 @@ def export(repo: Path, out: Path) -> None:
 # ---------------------------------------------------------------- headroom (CPU, package)
 
 def headroom(repo: Path, sequel_habits: tuple[float, ...] | None = None) -> None:
-    """Test-user NDCG@10 of mechanism-aware rankers vs the retriever on the serving candidates, for the
-    default synthetic world (``sequel_habits``: the value ``repo`` was ingested with, when not default)."""
+    """Test-user NDCG@10 of mechanism-aware rankers vs the retriever on the serving candidates of the
+    synthetic world in ``repo`` (ingested with ``sequel_habits``; None: the generator's default)."""
     import polars as pl
 
     from rcllm_sdk.data import synthetic as syn
@@ -280,7 +280,8 @@ def headroom(repo: Path, sequel_habits: tuple[float, ...] | None = None) -> None
 def fit_linear_ranker(repo: Path, serving, steps: int = 300):
     """A linear softmax ranker over features any prompt shows (:func:`_prompt_features`), trained on
     the cross-fitted examples ``rcllm train`` uses; returns ``score(history, candidates)``. It says
-    whether the training data can teach content beyond the retriever, whatever the model."""
+    whether the training data can teach content beyond the retriever, whatever the model. Cosines use
+    the serving retriever's embeddings, as the ranker's item tokens do (test items are not in them)."""
     from rcllm_sdk.ingest import read_manifest
     from rcllm_sdk.pipelines.examples import build_examples
     from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups

@@ -25,7 +25,7 @@ def build_examples(groups: list[tuple[list[list[int]], Retriever]], k: int, min_
     :func:`pipelines.run.train_from_repo` passes retrievers fitted on the *other* users, so a
     training example's own transition never inflates its candidates (a retriever fitted on
     everyone put the truth in the top 20 for 59% of training positions but 48% of test users on
-    the synthetic default; cross-fitted: 50%). Positions whose truth was missed are left out and
+    the synthetic world and retriever of 2026-11-27; cross-fitted: 50%). Positions whose truth was missed are left out and
     counted: they teach nothing about ranking the candidates the server will show.
     """
     rng = np.random.default_rng(seed)

@@ -126,8 +126,10 @@ def test_recall_last_ends_the_prompt_with_the_last_history_item():
     assert gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, False))[-3:] == data["query"]
 
 
-def test_prompt_features_read_position_category_share_cosine_and_next_part():
+def test_prompt_features_read_position_category_share_cosine_next_part_and_transition():
     from types import SimpleNamespace
+
+    import scipy.sparse as sp
 
     from rcllm_sdk.prompt import ItemInfo
 
@@ -136,10 +138,16 @@ def test_prompt_features_read_position_category_share_cosine_and_next_part():
                5: ItemInfo(5, "Vosh Guide Part 1", "Cooking")}
     embeddings = np.array([[1, 0], [1, 0], [0, 2], [3, 4], [0, 1]], dtype=float)
     retriever = SimpleNamespace(embeddings=embeddings, index={i: i - 1 for i in catalog})
+    moves = np.zeros((5, 5))
+    moves[1] = [0.2, 0, 0.6, 0.15, 0.05]  # from item 2: to 3 most, then 1, then 4
+    transitions = SimpleNamespace(transitions=sp.csr_matrix(moves), index=retriever.index)
     hist, cands = [5, 1, 5, 2], [3, 4, 1]  # last item: Kalo Saga Part 2 (Space)
     f = gs._prompt_features(hist, cands, catalog, retriever)
-    assert f.shape == (3, gs.K + 4)
+    assert f.shape == (3, gs.K + len(gs.CONTENT_FEATURES))
     assert (f[:, :3] == np.eye(3)).all() and not f[:, 3:gs.K].any()  # the position one-hot
-    np.testing.assert_allclose(f[:, gs.K:], [[1, 0.5, 0.0, 1],    # Part 3 follows Part 2; orthogonal vectors
-                                             [0, 0.5, 0.6, 0],    # Cooking: 2 of 4; cosine 3/5
-                                             [1, 0.5, 1.0, 0]])   # Part 1 precedes it; same vector
+    # habits: one open sequel (1 -> 2), not taken: (0 + 1) / (1 + 2); no step stayed: (0 + 1) / (3 + 2)
+    np.testing.assert_allclose(f[:, gs.K:], [[1, 0.5, 0.0, 1, 0, 1 / 3, 0.2],  # Part 3 follows Part 2; orthogonal
+                                             [0, 0.5, 0.6, 0, 0, 0, 0],        # Cooking: 2 of 4; cosine 3/5
+                                             [1, 0.5, 1.0, 0, 0, 0, 0.2]])     # Part 1 precedes it; same vector
+    moved = gs._prompt_features(hist, cands, catalog, retriever, transitions)[:, gs.K + 4]
+    np.testing.assert_allclose(moved, [1.0, 0.25, 0.2 / 0.6])  # over the largest share among the candidates

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from rcllm_sdk.data.split import TEST
 from rcllm_sdk.ingest import ingest, read_manifest
 from rcllm_sdk.recommender import RcRecommender
-
+from rcllm_sdk.retrieval import RetrieverConfig
 from rcllm_sdk.runtime.policies import DEFAULT_POLICY, parse_policy
 
 from .metrics import METRICS, paired_difference, rank_of, summarize
@@ -33,21 +33,22 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
              repo: str | Path | None = None, train_config=None, synthetic=None, max_users: int | None = None,
              timing_samples: int = 200, candidates: int = 20, progress: bool = True, log_mlflow: bool = True,
              ingest_first: bool = True, policy: str = DEFAULT_POLICY, other_policies: tuple[str, ...] = OTHER_POLICIES,
-             store: str = "local://") -> dict:
+             store: str = "local://", retriever_config=None) -> dict:
     """Ingest ``source`` (unless ``ingest_first`` is False and ``repo`` is already ingested),
     train a ranker when ``model`` is None, evaluate every mode, write ``out`` JSON.
 
     Entries under ``results``: ``retriever``; ``full`` (the plain HF forward); ``prefix``;
     ``rcllm`` (``policy``); ``rcllm:<p>`` for each of ``other_policies``; and the control
     ``control:wrong_history`` (``rcllm`` with another user's history block), which must
-    disagree with ``full`` visibly for the agreement figures to mean anything.
+    disagree with ``full`` visibly for the agreement figures to mean anything. ``retriever_config``
+    is the blend ingestion fits (default ``RetrieverConfig()``).
 
     Example:
         >>> evaluate("movielens", "../shared/data/ml-100k", "ml100k.json")
     """
     repo = Path(repo) if repo else Path(tempfile.mkdtemp(prefix=f"rcllm-eval-{source}-"))
     if ingest_first:
-        ingest(source, path, repo, synthetic=synthetic)
+        ingest(source, path, repo, synthetic=synthetic, retriever_config=retriever_config or RetrieverConfig())
     training = None
     if model is None:
         model, training = _train(repo, train_config, progress)

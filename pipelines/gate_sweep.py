@@ -24,6 +24,11 @@ features every prompt shows, trained on the same examples (what the data can tea
 
     python pipelines/gate_sweep.py headroom --repo /tmp/gate_repo
 
+``itemlm`` (CPU): the same question for a sequence model — a 2-layer Llama over item ids, its
+next-item log-probability of each candidate combined with the position (:func:`item_lm_headroom`)::
+
+    python pipelines/gate_sweep.py itemlm --repo /tmp/ml1m_repo --steps 2000
+
 Terms: a *hint* example's query names the answer ("The user picked <i42>. Which candidate ...
 Answer:"), so the model only has to find the label in front of that item; the hint probability holds
 at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of training). The *K schedule*
@@ -302,6 +307,90 @@ def _mechanism_rankers(repo: Path, inter, sequel_habits) -> dict:
         return 2.0 * (c == sequel[h[-1]]) + (cat[c] == cat[h[-1]]) - 0.01 * np.arange(len(c))
 
     return {"true habits": true_habits, "estimated habits": estimated_habits, "sequel>category>retriever": rule}
+
+
+def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, seed: int = 0) -> dict:
+    """Is there sequential signal beyond the retriever? Trains a 2-layer Llama over the training
+    split's item-id sequences (next-item cross-entropy, no text), scores each test user's served
+    candidates by its next-item log-probability after the history, and combines that with the
+    candidate's position in a softmax ranker whose K + 1 weights are fitted on the other half of the
+    test users (2-fold). A diagnostic of what a sequence model could add, not a served ranker."""
+    import polars as pl
+
+    from rcllm_sdk.data.split import TEST, TRAIN, histories
+    from rcllm_sdk.evaluation.metrics import paired_difference
+    from rcllm_sdk.retrieval import Retriever
+
+    inter = pl.read_parquet(repo / "data" / "interactions.parquet")
+    serving = Retriever.load(repo / "data" / "retriever.npz")
+    token = {int(i): n + 1 for n, i in enumerate(serving.item_ids)}  # 0 = padding
+    train = [[token[i] for i in seq] for seq in histories(inter.filter(pl.col("split") == TRAIN), exclude=())["item_ids"]]
+    model = _fit_item_lm(train, len(token) + 1, steps, window, batch, seed)
+    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
+    rows = [(list(h), serving.candidates(list(h), K), truth[u])
+            for u, h, _ in histories(inter, exclude=(TEST,)).iter_rows() if u in truth]
+    targets = np.array([c.index(t) if t in c else -1 for _, c, t in rows])
+    logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-window:]] for h, _, _ in rows[n:n + 256]],
+                                           [[token[i] for i in c] for _, c, _ in rows[n:n + 256]])
+                           for n in range(0, len(rows), 256)])
+    features = np.concatenate([np.broadcast_to(np.eye(K), (len(rows), K, K)), logp[:, :, None]], axis=2)
+    ranks = targets.copy()
+    for fold in (0, 1):
+        fit = (np.arange(len(rows)) % 2 != fold) & (targets >= 0)
+        w = torch.zeros(K + 1, requires_grad=True)
+        optimiser = torch.optim.Adam([w], lr=0.05)
+        x, y = torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit])
+        for _ in range(500):
+            loss = torch.nn.functional.cross_entropy(x @ w, y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        for n in np.flatnonzero((np.arange(len(rows)) % 2 == fold) & (targets >= 0)):
+            order = np.argsort(-(features[n] @ w.detach().numpy()), kind="stable")
+            ranks[n] = int(np.flatnonzero(order == targets[n])[0])
+    d = paired_difference(ranks, targets)
+    base, ranked = ndcg10(targets).mean(), ndcg10(ranks).mean()
+    print(f"item LM ({steps} steps) + position: NDCG@10 {ranked:.4f} vs retriever {base:.4f}, diff {d['mean']:+.4f} "
+          f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ranked / base - 1:+.1%}")
+    return {"ndcg10": float(ranked), "retriever_ndcg10": float(base), "diff": d["mean"], "diff_ci": d["ci"]}
+
+
+def _fit_item_lm(sequences: list[list[int]], vocab: int, steps: int, window: int, batch: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=window,
+                         tie_word_embeddings=True, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        windows = []
+        for n in rng.integers(0, len(sequences), batch):
+            start = int(rng.integers(0, max(1, len(sequences[n]) - window + 1)))
+            windows.append(sequences[n][start:start + window])
+        ids = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.long)
+        for b, w in enumerate(windows):
+            ids[b, :len(w)] = torch.tensor(w)
+        loss = model(input_ids=ids, attention_mask=(ids > 0).long(), labels=ids.masked_fill(ids == 0, -100)).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _next_item_logp(model, histories: list[list[int]], candidates: list[list[int]]) -> np.ndarray:
+    """``[len(histories), K]`` log-probabilities of each candidate as the next item (histories left-padded)."""
+    width = max(map(len, histories))
+    ids = torch.zeros(len(histories), width, dtype=torch.long)
+    for b, h in enumerate(histories):
+        ids[b, width - len(h):] = torch.tensor(h)
+    mask = (ids > 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logp = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].log_softmax(-1)
+    return torch.gather(logp, 1, torch.tensor(candidates)).numpy()
 
 
 CONTENT_FEATURES = ("same category", "category share", "cosine", "next part", "transition",
@@ -836,6 +925,9 @@ def main(argv=None) -> None:
     p.add_argument("--sequel-habits", type=lambda text: tuple(float(v) for v in text.split(",")),
                    help="the value the repo was ingested with (default: the generator's)")
     p.add_argument("--ablate", action="store_true", help="also fit linear rankers over one content feature each")
+    p = sub.add_parser("itemlm")
+    p.add_argument("--repo", default="/tmp/gate_repo")
+    p.add_argument("--steps", type=int, default=2000)
     p = sub.add_parser("sweep")
     p.add_argument("--data", default="bench_out/gate/data.pt")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))
@@ -856,6 +948,8 @@ def main(argv=None) -> None:
         export(Path(args.repo), Path(args.out))
     elif args.command == "headroom":
         headroom(Path(args.repo), args.sequel_habits, args.ablate)
+    elif args.command == "itemlm":
+        item_lm_headroom(Path(args.repo), args.steps)
     elif args.command == "sweep":
         sweep(args)
     else:

@@ -21,6 +21,30 @@ def _synthetic(args):
                            description_words=args.description_words, **habits)
 
 
+def _retriever(text: str | None):
+    """``"decay=0.3,w_similarity=0.05"`` -> a RetrieverConfig (unnamed fields keep their defaults)."""
+    from dataclasses import fields, replace
+
+    from .retrieval import RetrieverConfig
+
+    config = RetrieverConfig()
+    if not text:
+        return config
+    types = {f.name: type(getattr(config, f.name)) for f in fields(RetrieverConfig)}
+    values = {}
+    for pair in text.split(","):
+        name, _, value = pair.partition("=")
+        name = name.strip()
+        if name not in types:
+            raise argparse.ArgumentTypeError(f"unknown retriever setting {name!r}; known: {', '.join(types)}")
+        try:
+            values[name] = types[name](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"retriever setting {name}: expected a {types[name].__name__}, got {value!r}")
+    return replace(config, **values)
+
+
 def _probabilities(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -32,7 +56,7 @@ def cmd_ingest(args) -> None:
     from .ingest import ingest
 
     result = ingest(args.source, args.path, args.repo, online_store=args.online_store,
-                    skip_bad_rows=args.skip_bad_rows, synthetic=_synthetic(args))
+                    skip_bad_rows=args.skip_bad_rows, synthetic=_synthetic(args), retriever_config=args.retriever)
     print(result.summary())
 
 
@@ -62,7 +86,7 @@ def cmd_evaluate(args) -> None:
 
     evaluate(args.source, args.path, args.out, model=args.model, repo=args.repo, train_config=_train_config(args),
              synthetic=_synthetic(args), max_users=args.max_users, candidates=args.candidates,
-             policy=args.policy or DEFAULT_POLICY, store=args.store or "local://")
+             policy=args.policy or DEFAULT_POLICY, store=args.store or "local://", retriever_config=args.retriever)
 
 
 def cmd_refresh(args) -> None:
@@ -126,6 +150,9 @@ def _data_args(p, users: int, items: int) -> None:
     p.add_argument("--stay-habits", type=_probabilities,
                    help="synthetic: each user's p_stay is one of these (comma-separated; default 0.1,0.7)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--retriever", type=_retriever, default=_retriever(None), metavar="NAME=VALUE,...",
+                   help="retriever blend settings, e.g. decay=0.3,w_similarity=0.05 (default: RetrieverConfig's; "
+                        "python -m rcllm_sdk.evaluation.retriever_grid compares settings on validation users)")
 
 
 def _train_config(args):

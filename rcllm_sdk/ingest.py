@@ -6,7 +6,7 @@ What lands in ``<repo>/data/``:
 * ``user_history.parquet`` / ``items.parquet`` — the Feast sources, materialized online; the
   histories stop before each user's test item, so no test item reaches a prompt;
 * ``retriever.npz`` — transitions, popularity and item embeddings fitted on those histories;
-* ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method).
+* ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method, retriever settings).
 """
 from __future__ import annotations
 

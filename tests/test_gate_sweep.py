@@ -151,3 +151,21 @@ def test_prompt_features_read_position_category_share_cosine_next_part_and_trans
                                              [1, 0.5, 1.0, 0, 0, 0, 0.2]])     # Part 1 precedes it; same vector
     moved = gs._prompt_features(hist, cands, catalog, retriever, transitions)[:, gs.K + 4]
     np.testing.assert_allclose(moved, [1.0, 0.25, 0.2 / 0.6])  # over the largest share among the candidates
+
+
+def test_next_item_logp_is_the_same_left_padded_or_alone():
+    torch.manual_seed(0)
+    model = gs._fit_item_lm([[1, 2, 3, 4, 5, 6]] * 4, vocab=8, steps=2, window=6, batch=2, seed=0)
+    long, short = [1, 2, 3, 4], [5, 6]
+    batched = gs._next_item_logp(model, [long, short], [[5, 6], [1, 2]])
+    alone = gs._next_item_logp(model, [short], [[1, 2]])
+    np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)
+    with torch.no_grad():
+        direct = model(input_ids=torch.tensor([long])).logits[0, -1].log_softmax(-1)
+    np.testing.assert_allclose(batched[0], direct[[5, 6]].numpy(), atol=1e-5)
+
+
+def test_item_lm_headroom_runs_on_an_ingested_repo(ingested_repo):
+    result = gs.item_lm_headroom(ingested_repo, steps=3, batch=4)
+    assert 0.0 <= result["ndcg10"] <= 1.0 and 0.0 <= result["retriever_ndcg10"] <= 1.0
+    assert result["diff_ci"][0] <= result["diff"] <= result["diff_ci"][1]

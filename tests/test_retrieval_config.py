@@ -53,3 +53,27 @@ def test_config_rejects_bad_values(tmp_path):
         RecommenderConfig(cold_start="guess")
     with pytest.raises(ConfigError, match="not a valid int"):
         RecommenderConfig.resolve(candidates="many")
+
+
+def test_cli_retriever_settings_override_the_defaults_and_reject_unknown_names():
+    from rcllm_sdk.cli import build_parser
+
+    parse = lambda *argv: build_parser().parse_args(["ingest", "--repo", "r", *argv])  # noqa: E731
+    assert parse().retriever == RetrieverConfig()
+    chosen = parse("--retriever", "decay=0.45, w_similarity=0.1,recent=3").retriever
+    assert chosen == RetrieverConfig(decay=0.45, w_similarity=0.1, recent=3)
+    assert isinstance(chosen.recent, int)
+    for bad in ("decay=fast", "speed=2"):
+        with pytest.raises(SystemExit):
+            parse("--retriever", bad)
+
+
+def test_ingest_records_the_retriever_settings_it_was_given(tmp_path):
+    from rcllm_sdk.data.synthetic import SyntheticConfig
+    from rcllm_sdk.ingest import ingest, read_manifest
+
+    config = RetrieverConfig(decay=0.45, w_similarity=0.1)
+    ingest("synthetic", None, tmp_path, synthetic=SyntheticConfig(n_users=30, n_items=60, n_categories=3, seed=1),
+           retriever_config=config)
+    assert RetrieverConfig(**read_manifest(tmp_path)["retriever"]) == config
+    assert Retriever.load(tmp_path / "data" / "retriever.npz").config == config

@@ -160,7 +160,7 @@ def _train_config(args):
 
     return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
-                       item_text_words=args.item_text_words)
+                       item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight)
 
 
 def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
@@ -174,6 +174,8 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> Non
                    help="train with the block attention structure rcllm serves with (see README)")
     p.add_argument("--block-aware-fraction", type=float, default=1.0,
                    help="with --block-aware: share of training prompts with the block mask, the rest full attention")
+    p.add_argument("--history-lm-weight", type=float, default=0.0,
+                   help="weight of an auxiliary next-token loss over the history block (item dynamics; see README)")
 
 
 def _serving_args(p) -> None:

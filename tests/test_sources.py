@@ -121,3 +121,11 @@ def test_cli_passes_synthetic_habits_and_rejects_non_numbers():
     assert _synthetic(parse()).sequel_habits == (0.0, 0.3)
     with pytest.raises(SystemExit):
         parse("--stay-habits", "often")
+
+
+def test_cli_passes_the_history_lm_weight_to_training():
+    from rcllm_sdk.cli import _train_config, build_parser
+
+    parse = lambda *argv: build_parser().parse_args(["evaluate", "--out", "x.json", *argv])  # noqa: E731
+    assert _train_config(parse()).history_lm_weight == 0.0
+    assert _train_config(parse("--history-lm-weight", "1.0")).history_lm_weight == 1.0

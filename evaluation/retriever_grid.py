@@ -21,27 +21,41 @@ from tqdm.auto import tqdm
 
 from rcllm_sdk.data.split import TEST, VAL, histories
 from rcllm_sdk.evaluation.metrics import METRICS, rank_of
-from rcllm_sdk.ingest import fit_retriever, read_manifest
-from rcllm_sdk.retrieval import RetrieverConfig
+from rcllm_sdk.ingest import read_manifest, retriever_inputs
+from rcllm_sdk.retrieval import Retriever, RetrieverConfig
 
 
 def retriever_ndcg(repo: Path, config: RetrieverConfig, split: str, k: int = 20) -> float:
     """Mean NDCG@10 of the retriever's top ``k`` for the ``split`` item ("val" or "test") of every user."""
+    return _ndcg(_split_inputs(repo, split), config, k)
+
+
+def _ndcg(inputs: tuple, config: RetrieverConfig, k: int = 20) -> float:
+    sequences, item_ids, embeddings, truth = inputs
+    retriever = Retriever.fit(sequences, item_ids, embeddings, config)
+    ranks = [rank_of(retriever.candidates(history, k), truth[n]) for n, history in enumerate(sequences) if n in truth]
+    return float(METRICS["ndcg@10"](np.array(ranks)).mean())
+
+
+def _split_inputs(repo: Path, split: str) -> tuple:
+    """What every setting shares for one (repo, split): the served histories (validation scores leave
+    the validation item out too), item ids, embeddings and ``{history index: truth}``."""
     interactions = pl.read_parquet(repo / "data" / "interactions.parquet")
     items = pl.read_parquet(repo / "data" / "items.parquet", columns=["item_id"])
     served = histories(interactions, exclude=(VAL, TEST) if split == VAL else (TEST,))
     truth = dict(interactions.filter(pl.col("split") == split).select("user_id", "item_id").iter_rows())
-    retriever = fit_retriever(served, items, read_manifest(repo)["embedding"]["dim"], config)
-    ranks = [rank_of(retriever.candidates(list(hist), k), truth[user])
-             for user, hist, _ in served.iter_rows() if user in truth]
-    return float(METRICS["ndcg@10"](np.array(ranks)).mean())
+    sequences, item_ids, embeddings = retriever_inputs(served, items, read_manifest(repo)["embedding"]["dim"])
+    answers = {n: truth[user] for n, user in enumerate(served["user_id"]) if user in truth}
+    return sequences, item_ids, embeddings, answers
 
 
 def grid(repos: list[Path], decays: list[float], similarities: list[float]) -> list[dict]:
+    inputs = {(repo.name, split): _split_inputs(repo, split) for repo in repos for split in (VAL, TEST)}
     rows = []
     for decay, w_similarity in tqdm(list(itertools.product(decays, similarities)), desc="retriever grid"):
         config = replace(RetrieverConfig(), decay=decay, w_similarity=w_similarity)
-        scores = {repo.name: {split: retriever_ndcg(repo, config, split) for split in (VAL, TEST)} for repo in repos}
+        scores = {repo.name: {split: _ndcg(inputs[repo.name, split], config) for split in (VAL, TEST)}
+                  for repo in repos}
         rows.append({"config": asdict(config), "scores": scores,
                      "val_sum": sum(s[VAL] for s in scores.values())})
     return rows

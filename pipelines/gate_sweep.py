@@ -238,35 +238,50 @@ def headroom(repo: Path, sequel_habits: tuple[float, ...] | None = None, ablate:
     import polars as pl
 
     from rcllm_sdk.data.split import TEST, histories
-    from rcllm_sdk.evaluation.metrics import paired_difference
     from rcllm_sdk.ingest import read_manifest
+    from rcllm_sdk.pipelines.run import catalog_from_repo
     from rcllm_sdk.retrieval import Retriever
 
     inter = pl.read_parquet(repo / "data" / "interactions.parquet")
     truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
     retriever = Retriever.load(repo / "data" / "retriever.npz")
-    rankers = _mechanism_rankers(repo, inter, sequel_habits) if read_manifest(repo)["dataset"] == "synthetic" else {}
-    rankers["learned linear"] = fit_linear_ranker(repo, retriever)
+    catalog = catalog_from_repo(repo)
+    sequel_of = _sequels(catalog)
+    x, y = linear_training_data(repo, catalog, retriever, sequel_of)
+    subsets = {"learned linear": CONTENT_FEATURES[:4]}
     if ablate:
-        rankers |= {f"linear, {f} only": fit_linear_ranker(repo, retriever, features=(f,)) for f in CONTENT_FEATURES}
-        rankers["linear, all five"] = fit_linear_ranker(repo, retriever, features=CONTENT_FEATURES[:5])
-        rankers["linear, all seven"] = fit_linear_ranker(repo, retriever, features=CONTENT_FEATURES)
-    ranks = {name: [] for name in ("retriever", *rankers)}
+        subsets |= {f"linear, {f} only": (f,) for f in CONTENT_FEATURES}
+        subsets |= {"linear, all five": CONTENT_FEATURES[:5], "linear, all seven": CONTENT_FEATURES}
+    linear = {name: fit_linear_ranker(x, y, features) for name, features in subsets.items()}
+    mechanism = _mechanism_rankers(repo, inter, sequel_habits) if read_manifest(repo)["dataset"] == "synthetic" else {}
+    ranks = {name: [] for name in ("retriever", *mechanism, *linear)}
     for user, hist, _ in histories(inter, exclude=(TEST,)).iter_rows():
         if user not in truth:
             continue
         cands = retriever.candidates(list(hist), K)
         t = cands.index(truth[user]) if truth[user] in cands else -1
+        features = _prompt_features(list(hist), cands, catalog, retriever, retriever, sequel_of)
+        scores = {name: score(user, list(hist), cands) for name, score in mechanism.items()}
+        scores |= {name: features[:, columns] @ w for name, (columns, w) in linear.items()}
         ranks["retriever"].append(t)
-        for name, score in rankers.items():
-            order = np.argsort(-score(user, list(hist), cands), kind="stable")
+        for name, score in scores.items():
+            order = np.argsort(-score, kind="stable")
             ranks[name].append(int(np.flatnonzero(order == t)[0]) if t >= 0 else -1)
     base = np.array(ranks.pop("retriever"))
     print(f"retriever NDCG@10 {ndcg10(base).mean():.4f}; truth in candidates {np.mean(base >= 0):.3f}")
     for name, r in ranks.items():
-        d = paired_difference(np.array(r), base)
-        print(f"{name}: NDCG@10 {ndcg10(np.array(r)).mean():.4f}, diff {d['mean']:+.4f} "
-              f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ndcg10(np.array(r)).mean() / ndcg10(base).mean() - 1:+.1%}")
+        _print_versus(name, np.array(r), base)
+
+
+def _print_versus(name: str, ranks: np.ndarray, base: np.ndarray) -> dict:
+    """Print and return NDCG@10 of ``ranks`` against the retriever's ``base`` ranks, paired."""
+    from rcllm_sdk.evaluation.metrics import paired_difference
+
+    d = paired_difference(ranks, base)
+    ranked, baseline = ndcg10(ranks).mean(), ndcg10(base).mean()
+    print(f"{name}: NDCG@10 {ranked:.4f} vs retriever {baseline:.4f}, diff {d['mean']:+.4f} "
+          f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ranked / baseline - 1:+.1%}")
+    return {"ndcg10": float(ranked), "retriever_ndcg10": float(baseline), "diff": d["mean"], "diff_ci": d["ci"]}
 
 
 def _mechanism_rankers(repo: Path, inter, sequel_habits) -> dict:
@@ -318,13 +333,13 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     import polars as pl
 
     from rcllm_sdk.data.split import TEST, TRAIN, histories
-    from rcllm_sdk.evaluation.metrics import paired_difference
     from rcllm_sdk.retrieval import Retriever
 
     inter = pl.read_parquet(repo / "data" / "interactions.parquet")
     serving = Retriever.load(repo / "data" / "retriever.npz")
     token = {int(i): n + 1 for n, i in enumerate(serving.item_ids)}  # 0 = padding
-    train = [[token[i] for i in seq] for seq in histories(inter.filter(pl.col("split") == TRAIN), exclude=())["item_ids"]]
+    train_histories = histories(inter.filter(pl.col("split") == TRAIN), exclude=())["item_ids"]
+    train = [[token[i] for i in seq] for seq in train_histories]
     model = _fit_item_lm(train, len(token) + 1, steps, window, batch, seed)
     truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
     rows = [(list(h), serving.candidates(list(h), K), truth[u])
@@ -337,22 +352,10 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     ranks = targets.copy()
     for fold in (0, 1):
         fit = (np.arange(len(rows)) % 2 != fold) & (targets >= 0)
-        w = torch.zeros(K + 1, requires_grad=True)
-        optimiser = torch.optim.Adam([w], lr=0.05)
-        x, y = torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit])
-        for _ in range(500):
-            loss = torch.nn.functional.cross_entropy(x @ w, y)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        for n in np.flatnonzero((np.arange(len(rows)) % 2 == fold) & (targets >= 0)):
-            order = np.argsort(-(features[n] @ w.detach().numpy()), kind="stable")
-            ranks[n] = int(np.flatnonzero(order == targets[n])[0])
-    d = paired_difference(ranks, targets)
-    base, ranked = ndcg10(targets).mean(), ndcg10(ranks).mean()
-    print(f"item LM ({steps} steps) + position: NDCG@10 {ranked:.4f} vs retriever {base:.4f}, diff {d['mean']:+.4f} "
-          f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], relative {ranked / base - 1:+.1%}")
-    return {"ndcg10": float(ranked), "retriever_ndcg10": float(base), "diff": d["mean"], "diff_ci": d["ci"]}
+        w = _fit_softmax_weights(torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit]), 500)
+        held_out = np.flatnonzero(np.arange(len(rows)) % 2 == fold)
+        ranks[held_out] = _ranks(torch.tensor(features[held_out] @ w), targets[held_out].tolist())
+    return _print_versus(f"item LM ({steps} steps) + position", ranks, targets)
 
 
 def _fit_item_lm(sequences: list[list[int]], vocab: int, steps: int, window: int, batch: int, seed: int):
@@ -397,41 +400,51 @@ CONTENT_FEATURES = ("same category", "category share", "cosine", "next part", "t
                     "next part x sequel rate", "same category x stay rate")
 
 
-def fit_linear_ranker(repo: Path, serving, steps: int = 300, features: tuple[str, ...] = CONTENT_FEATURES[:4],
-                      max_examples: int = 10_000):
-    """A linear softmax ranker over the candidate's position and the named ``features`` of
-    :func:`_prompt_features` (any prompt shows them), trained on the cross-fitted examples ``rcllm
-    train`` uses (up to ``max_examples`` per fold; ``rcllm train`` takes 20,000 in all); returns ``score(user, history, candidates)``. It says whether the training data can teach
-    content beyond the retriever, whatever the model. Cosines use the serving retriever's embeddings,
-    as the ranker's item tokens do (test items are not in them); transitions come from the retriever
-    that proposed the example's candidates (fitted on the other users: a transition counted from the
-    example itself would leak its answer) and, for test users, from the serving retriever."""
+def linear_training_data(repo: Path, catalog: dict, serving, sequel_of: dict[int, int],
+                         max_examples: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (:func:`_prompt_features`, every column) and targets of the cross-fitted examples
+    ``rcllm train`` uses (up to ``max_examples`` per fold; ``rcllm train`` takes 20,000 in all).
+    Cosines use the serving retriever's embeddings, as the ranker's item tokens do (test items are not
+    in them); transitions come from the retriever that proposed the example's candidates (fitted on
+    the other users: a transition counted from the example itself would leak its answer)."""
     from rcllm_sdk.ingest import read_manifest
     from rcllm_sdk.pipelines.examples import build_examples
-    from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
+    from rcllm_sdk.pipelines.run import cross_fitted_groups
 
-    catalog = catalog_from_repo(repo)
-    columns = list(range(K)) + [K + CONTENT_FEATURES.index(f) for f in features]
     rows, targets = [], []
     for sequences, retriever in cross_fitted_groups(repo, read_manifest(repo)):
         examples, _ = build_examples([(sequences, retriever)], K, max_examples=max_examples, seed=0)
-        rows += [_prompt_features(e.history, e.candidates, catalog, serving, retriever)[:, columns] for e in examples]
+        rows += [_prompt_features(e.history, e.candidates, catalog, serving, retriever, sequel_of) for e in examples]
         targets += [e.target for e in examples]
-    x, y = torch.tensor(np.stack(rows), dtype=torch.float32), torch.tensor(targets)
-    weights = torch.zeros(len(columns), requires_grad=True)
+    return torch.tensor(np.stack(rows), dtype=torch.float32), torch.tensor(targets)
+
+
+def fit_linear_ranker(x: torch.Tensor, y: torch.Tensor, features: tuple[str, ...],
+                      steps: int = 300) -> tuple[list[int], np.ndarray]:
+    """A linear softmax ranker over the candidate's position and the named ``features`` (columns of
+    :func:`linear_training_data`); returns ``(columns, weights)``: score = features[:, columns] @ weights.
+    It says whether the training data can teach content beyond the retriever, whatever the model."""
+    columns = list(range(K)) + [K + CONTENT_FEATURES.index(f) for f in features]
+    w = _fit_softmax_weights(x[:, :, columns], y, steps)
+    print(f"learned linear ranker over position + {', '.join(features) or 'nothing'}: {len(y)} examples, "
+          f"content weights {', '.join(f'{v:+.2f}' for v in w[K:])}")
+    return columns, w
+
+
+def _fit_softmax_weights(x: torch.Tensor, y: torch.Tensor, steps: int) -> np.ndarray:
+    """Weights ``w`` of a softmax over candidates with logits ``x @ w`` (``x``: [N, K, F]), fitted by Adam."""
+    weights = torch.zeros(x.shape[2], requires_grad=True)
     optimiser = torch.optim.Adam([weights], lr=0.05)
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(x @ weights, y)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    w = weights.detach().numpy()
-    print(f"learned linear ranker over position + {', '.join(features) or 'nothing'}: {len(y)} examples, "
-          f"train CE {loss.item():.3f}, content weights {', '.join(f'{v:+.2f}' for v in w[K:])}")
-    return lambda user, hist, cands: _prompt_features(hist, cands, catalog, serving, serving)[:, columns] @ w
+    return weights.detach().numpy()
 
 
-def _prompt_features(hist: list[int], cands: list[int], catalog: dict, retriever, transitions=None) -> np.ndarray:
+def _prompt_features(hist: list[int], cands: list[int], catalog: dict, retriever, transitions=None,
+                     sequel_of: dict[int, int] | None = None) -> np.ndarray:
     """``[len(cands), K + 7]``: candidate position (one-hot: the retriever's order), then
     :data:`CONTENT_FEATURES`: same category as the last item, share of the last 10 items in the
     candidate's category, cosine of the co-occurrence vectors item tokens start from, "next part of
@@ -440,8 +453,9 @@ def _prompt_features(hist: list[int], cands: list[int], catalog: dict, retriever
     among the candidates (unscaled, a linear ranker fitted it less well: +5.7% instead of +11.6%), and
     the two habit interactions: "next part" times the history's sequel rate (the share of open sequels
     the user took, with one pseudo-count each way) and "same category" times its stay rate (the share
-    of other steps that stayed in the category, likewise)."""
-    sequel_of = _sequels(catalog)
+    of other steps that stayed in the category, likewise). ``sequel_of``: :func:`_sequels` of the
+    catalogue (computed when not given; pass it when calling many times)."""
+    sequel_of = _sequels(catalog) if sequel_of is None else sequel_of
     emb = retriever.embeddings / np.maximum(np.linalg.norm(retriever.embeddings, axis=1, keepdims=True), 1e-9)
     last, recent = hist[-1], [catalog[i].category for i in hist[-10:]]
     sequel_rate, stay_rate = _habit_rates(hist, catalog, sequel_of)
@@ -453,26 +467,21 @@ def _prompt_features(hist: list[int], cands: list[int], catalog: dict, retriever
         cosine = emb[retriever.index[c]] @ emb[retriever.index[last]]
         moved = transitions.transitions[transitions.index[last], transitions.index[c]] if transitions else 0.0
         next_part = sequel_of.get(last) == c
-        out[n, K:] = (same_category, share, cosine, next_part, moved, next_part * sequel_rate, same_category * stay_rate)
+        out[n, K:] = (same_category, share, cosine, next_part, moved,
+                      next_part * sequel_rate, same_category * stay_rate)
     moved_column = K + CONTENT_FEATURES.index("transition")
     out[:, moved_column] /= max(out[:, moved_column].max(), 1e-12)
     return out
 
 
-_SEQUELS: dict[int, dict[int, int]] = {}
-
-
 def _sequels(catalog: dict) -> dict[int, int]:
-    """item -> the item titled as its series' next part (cached per catalogue object)."""
-    if id(catalog) not in _SEQUELS:
-        parts = {}
-        for item, info in catalog.items():
-            name, _, part = info.title.rpartition(" Part ")
-            if part.isdigit():
-                parts[(name, int(part))] = item
-        _SEQUELS[id(catalog)] = {item: parts[(name, part + 1)] for (name, part), item in parts.items()
-                                 if (name, part + 1) in parts}
-    return _SEQUELS[id(catalog)]
+    """item -> the item titled as its series' next part ("<Series> Part N")."""
+    parts = {}
+    for item, info in catalog.items():
+        name, _, part = info.title.rpartition(" Part ")
+        if part.isdigit():
+            parts[(name, int(part))] = item
+    return {item: parts[(name, part + 1)] for (name, part), item in parts.items() if (name, part + 1) in parts}
 
 
 def _habit_rates(hist: list[int], catalog: dict, sequel_of: dict[int, int]) -> tuple[float, float]:

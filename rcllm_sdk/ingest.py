@@ -68,12 +68,17 @@ def ingest(source: str, path: str | Path | None, repo: str | Path, *, online_sto
 
 def fit_retriever(served: pl.DataFrame, items: pl.DataFrame, dim: int, config: RetrieverConfig) -> Retriever:
     """Retriever and embeddings from the histories Feast serves (test items excluded)."""
+    return Retriever.fit(*retriever_inputs(served, items, dim), config)
+
+
+def retriever_inputs(served: pl.DataFrame, items: pl.DataFrame,
+                     dim: int) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """``(sequences, item_ids, embeddings)`` for :meth:`Retriever.fit`: everything but the blend settings."""
     item_ids = items["item_id"].to_numpy()
     index = {int(i): n for n, i in enumerate(item_ids)}
     sequences = [list(s) for s in served["item_ids"]]
     dense = [np.array([index[i] for i in s], np.int64) for s in sequences]
-    embeddings = item_embeddings(dense, len(item_ids), dim)
-    return Retriever.fit(sequences, item_ids, embeddings, config)
+    return sequences, item_ids, item_embeddings(dense, len(item_ids), dim)
 
 
 def _write_manifest(path: Path, dataset: Dataset, interactions: pl.DataFrame, result: IngestResult,

@@ -324,17 +324,22 @@ def _mechanism_rankers(repo: Path, inter, sequel_habits) -> dict:
     return {"true habits": true_habits, "estimated habits": estimated_habits, "sequel>category>retriever": rule}
 
 
-def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, seed: int = 0) -> dict:
+def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, seed: int = 0,
+                     scored_history: int | None = None) -> dict:
     """Is there sequential signal beyond the retriever? Trains a 2-layer Llama over the training
-    split's item-id sequences (next-item cross-entropy, no text), scores each test user's served
-    candidates by its next-item log-probability after the history, and combines that with the
-    candidate's position in a softmax ranker whose K + 1 weights are fitted on the other half of the
-    test users (2-fold). A diagnostic of what a sequence model could add, not a served ranker."""
+    split's item-id sequences (next-item cross-entropy on windows of ``window`` items, no text),
+    scores each test user's served candidates by its next-item log-probability after the last
+    ``scored_history`` items (default: ``window``), and combines that with the candidate's position
+    in a softmax ranker whose K + 1 weights are fitted on the other half of the test users (2-fold).
+    A diagnostic of what a sequence model could add, not a served ranker."""
     import polars as pl
 
     from rcllm_sdk.data.split import TEST, TRAIN, histories
     from rcllm_sdk.retrieval import Retriever
 
+    scored = scored_history or window
+    if not 1 <= scored <= window:
+        raise ValueError(f"scored_history must be between 1 and the training window ({window}), got {scored}")
     inter = pl.read_parquet(repo / "data" / "interactions.parquet")
     serving = Retriever.load(repo / "data" / "retriever.npz")
     token = {int(i): n + 1 for n, i in enumerate(serving.item_ids)}  # 0 = padding
@@ -345,7 +350,7 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     rows = [(list(h), serving.candidates(list(h), K), truth[u])
             for u, h, _ in histories(inter, exclude=(TEST,)).iter_rows() if u in truth]
     targets = np.array([c.index(t) if t in c else -1 for _, c, t in rows])
-    logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-window:]] for h, _, _ in rows[n:n + 256]],
+    logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-scored:]] for h, _, _ in rows[n:n + 256]],
                                            [[token[i] for i in c] for _, c, _ in rows[n:n + 256]])
                            for n in range(0, len(rows), 256)])
     features = np.concatenate([np.broadcast_to(np.eye(K), (len(rows), K, K)), logp[:, :, None]], axis=2)
@@ -355,7 +360,8 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
         w = _fit_softmax_weights(torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit]), 500)
         held_out = np.flatnonzero(np.arange(len(rows)) % 2 == fold)
         ranks[held_out] = _ranks(torch.tensor(features[held_out] @ w), targets[held_out].tolist())
-    return _print_versus(f"item LM ({steps} steps) + position", ranks, targets)
+    return _print_versus(f"item LM ({steps} steps, windows of {window}, last {scored} items scored) + position",
+                         ranks, targets)
 
 
 def _fit_item_lm(sequences: list[list[int]], vocab: int, steps: int, window: int, batch: int, seed: int):
@@ -937,6 +943,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("itemlm")
     p.add_argument("--repo", default="/tmp/gate_repo")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--window", type=int, default=40, help="training window (items per sequence)")
+    p.add_argument("--scored-history", type=int, help="history items read when scoring (default: --window)")
     p = sub.add_parser("sweep")
     p.add_argument("--data", default="bench_out/gate/data.pt")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))
@@ -958,7 +966,7 @@ def main(argv=None) -> None:
     elif args.command == "headroom":
         headroom(Path(args.repo), args.sequel_habits, args.ablate)
     elif args.command == "itemlm":
-        item_lm_headroom(Path(args.repo), args.steps)
+        item_lm_headroom(Path(args.repo), args.steps, args.window, scored_history=args.scored_history)
     elif args.command == "sweep":
         sweep(args)
     else:

@@ -166,6 +166,11 @@ def test_next_item_logp_is_the_same_left_padded_or_alone():
 
 
 def test_item_lm_headroom_runs_on_an_ingested_repo(ingested_repo):
-    result = gs.item_lm_headroom(ingested_repo, steps=3, batch=4)
+    result = gs.item_lm_headroom(ingested_repo, steps=3, window=6, batch=4, scored_history=2)
     assert 0.0 <= result["ndcg10"] <= 1.0 and 0.0 <= result["retriever_ndcg10"] <= 1.0
     assert result["diff_ci"][0] <= result["diff"] <= result["diff_ci"][1]
+
+
+def test_item_lm_headroom_refuses_scoring_beyond_the_training_window(ingested_repo):
+    with pytest.raises(ValueError, match="training window"):
+        gs.item_lm_headroom(ingested_repo, steps=1, window=4, scored_history=5)

@@ -50,8 +50,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.size not in PRESETS:
             raise ValueError(f"size must be one of {list(PRESETS)}, got {self.size!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.candidates < 2:
-            raise ValueError("steps and batch_size must be >= 1 and candidates >= 2")
+        if self.steps < 1 or self.batch_size < 1 or self.max_examples < 1 or self.candidates < 2:
+            raise ValueError("steps, batch_size and max_examples must be >= 1 and candidates >= 2")
         if not 0.0 < self.block_aware_fraction <= 1.0:
             raise ValueError(f"block_aware_fraction must be in (0, 1], got {self.block_aware_fraction}")
 

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from .errors import RcLLMError
+from .errors import ConfigError, RcLLMError
 from .evaluation.bench_config import DEFAULT_POLICY
 
 DEMO_REPO = "feature_repo"
@@ -158,9 +158,13 @@ def _data_args(p, users: int, items: int) -> None:
 def _train_config(args):
     from .pipelines.train import TrainConfig
 
-    return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
-                       item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight)
+    try:
+        return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
+                           item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight,
+                           max_examples=args.max_examples)
+    except ValueError as exc:  # TrainConfig's own validation: a usage error, not a crash
+        raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
 
 def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
@@ -176,6 +180,9 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> Non
                    help="with --block-aware: share of training prompts with the block mask, the rest full attention")
     p.add_argument("--history-lm-weight", type=float, default=0.0,
                    help="weight of an auxiliary next-token loss over the history block (item dynamics; see README)")
+    p.add_argument("--max-examples", type=int, default=20_000,
+                   help="training examples drawn (user, position) at random; fewer than steps x batch size "
+                        "are seen repeatedly, and small models then memorise them (README, Round 7)")
 
 
 def _serving_args(p) -> None:

@@ -123,9 +123,14 @@ def test_cli_passes_synthetic_habits_and_rejects_non_numbers():
         parse("--stay-habits", "often")
 
 
-def test_cli_passes_the_history_lm_weight_to_training():
+def test_cli_passes_the_history_lm_weight_and_example_count_to_training():
     from rcllm_sdk.cli import _train_config, build_parser
+    from rcllm_sdk.errors import ConfigError
 
     parse = lambda *argv: build_parser().parse_args(["evaluate", "--out", "x.json", *argv])  # noqa: E731
     assert _train_config(parse()).history_lm_weight == 0.0
     assert _train_config(parse("--history-lm-weight", "1.0")).history_lm_weight == 1.0
+    assert _train_config(parse()).max_examples == 20_000
+    assert _train_config(parse("--max-examples", "100000")).max_examples == 100_000
+    with pytest.raises(ConfigError, match="max_examples must be >= 1"):
+        _train_config(parse("--max-examples", "0"))

@@ -22,6 +22,9 @@ from .block_mask import block_attention_mask, mixed_layouts
 from .examples import BlockEncoder, Example, build_examples
 
 
+RECIPES = ("verbalizer", "item-lm")
+
+
 @dataclass(slots=True)
 class TrainConfig:
     """Ranker training settings. ``steps`` x ``batch_size`` prompts are seen in total."""
@@ -46,14 +49,39 @@ class TrainConfig:
     block_aware: bool = False
     block_aware_fraction: float = 1.0  # with block_aware: share of prompts with the block mask, the rest full
     item_text_words: int = 0  # description words in each item block (template default: none)
+    # "verbalizer": every weight trained on the label cross-entropy. "item-lm": an item-level
+    # language model over the user blocks, the label lookup compiled around it and K + 1 readout
+    # weights fitted on the label cross-entropy (pipelines/item_lm_ranker.py; README, "Round 8").
+    recipe: str = "verbalizer"
+    item_lm_window: int = 40  # item-lm: history items per training window
+    item_lm_rank: int = 0  # item-lm: dimensions of the next-item score carried into the lookup (0: all)
 
     def __post_init__(self):
         if self.size not in PRESETS:
             raise ValueError(f"size must be one of {list(PRESETS)}, got {self.size!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+        if self.recipe == "item-lm":
+            self._check_item_lm()
         if self.steps < 1 or self.batch_size < 1 or self.max_examples < 1 or self.candidates < 2:
             raise ValueError("steps, batch_size and max_examples must be >= 1 and candidates >= 2")
         if not 0.0 < self.block_aware_fraction <= 1.0:
             raise ValueError(f"block_aware_fraction must be in (0, 1], got {self.block_aware_fraction}")
+
+    def _check_item_lm(self) -> None:
+        from .item_lm_ranker import ITEM_LM_SHAPES
+
+        unused = [name for name, on in (("block_aware", self.block_aware), ("shuffle_candidates", self.shuffle_candidates),
+                                        ("history_lm_weight", self.history_lm_weight)) if on]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to the verbalizer recipe, not item-lm")
+        hidden, _, heads, _ = ITEM_LM_SHAPES[self.size]
+        if self.candidates > hidden // heads:
+            raise ValueError(f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}")
+        if not 0 <= self.item_lm_rank <= hidden:
+            raise ValueError(f"item_lm_rank must be between 1 and the item LM's hidden size {hidden} (0: all)")
+        if self.item_lm_window < 1:
+            raise ValueError("item_lm_window must be >= 1")
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
@@ -74,6 +102,10 @@ def train_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.recipe == "item-lm":
+        from .item_lm_ranker import train_item_lm_ranker
+
+        return train_item_lm_ranker(groups, catalog, out_dir, config, template, progress)
     template = template or PromptTemplate(item_text_words=config.item_text_words)
     started = time.perf_counter()
     tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
@@ -92,7 +124,7 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
     model, tok = ranker.model, ranker.tokenizer
     labels = torch.tensor(label_token_ids(tok, ranker.template.labels[: config.candidates]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     rng = np.random.default_rng(config.seed)
     encoder = BlockEncoder(catalog, ranker.template, tok)
     model.train()
@@ -113,12 +145,7 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         if config.history_lm_weight:
             loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [_user_span(layout)
                                                                                           for _, layout in encoded])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(); schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        take_step(model, optimizer, schedule, loss, losses, bar)
     model.eval()
     return losses
 
@@ -142,7 +169,18 @@ def _shuffled(example: Example, rng: np.random.Generator) -> Example:
     return Example(example.history, candidates, int(np.flatnonzero(order == example.target)[0]))
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def take_step(model, optimizer, schedule, loss: torch.Tensor, losses: list[float], bar) -> None:
+    """One clipped optimiser and schedule step; records the loss and shows its running mean on ``bar``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)

@@ -162,7 +162,8 @@ def _train_config(args):
         return TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
                            item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight,
-                           max_examples=args.max_examples)
+                           max_examples=args.max_examples, recipe=args.recipe, item_lm_window=args.item_lm_window,
+                           item_lm_rank=args.item_lm_rank)
     except ValueError as exc:  # TrainConfig's own validation: a usage error, not a crash
         raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
@@ -180,6 +181,12 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> Non
                    help="with --block-aware: share of training prompts with the block mask, the rest full attention")
     p.add_argument("--history-lm-weight", type=float, default=0.0,
                    help="weight of an auxiliary next-token loss over the history block (item dynamics; see README)")
+    p.add_argument("--recipe", choices=["verbalizer", "item-lm"], default="verbalizer",
+                   help="verbalizer: train every weight on the label loss; item-lm: train an item-level LM on the "
+                        "history blocks and compile the label lookup around it (README, Round 8)")
+    p.add_argument("--item-lm-window", type=int, default=40, help="item-lm: history items per training window")
+    p.add_argument("--item-lm-rank", type=int, default=0,
+                   help="item-lm: dimensions of the next-item score carried into the label lookup (0: all)")
     p.add_argument("--max-examples", type=int, default=20_000,
                    help="training examples drawn (user, position) at random; fewer than steps x batch size "
                         "are seen repeatedly, and small models then memorise them (README, Round 7)")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
+NEXT_MARKER = "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm_ranker.py)
+
+
 def item_token(item_id: int) -> str:
     """The special token that names one item (used when the tokenizer has item tokens)."""
     return f"<i{item_id}>"
@@ -29,6 +32,9 @@ class PromptTemplate:
         item_text_words: words of the item description in an item block (0 = title and category only).
         item_tokens: write ``<i{id}>`` before each item (tokenizers trained by this SDK have them).
         titles: write the item title (off: item token and category only, a compact prompt).
+        categories: write the item category (off with ``titles`` off: the item token alone).
+        history_footer: last line of the user block ("" = none); item-LM rankers end it with
+            ``NEXT_MARKER``, the token whose state predicts the next item.
     """
 
     system: str = "You rank candidate items for a user from the items the user consumed.\n"
@@ -39,20 +45,28 @@ class PromptTemplate:
     item_text_words: int = 0
     item_tokens: bool = True
     titles: bool = True
+    categories: bool = True
+    history_footer: str = ""
 
     def __post_init__(self):
         if not self.system.endswith("\n") or not self.history_header.endswith("\n"):
             raise ValueError("system and history_header must end with a newline (block boundary rule)")
+        if self.history_footer and (not self.history_footer.endswith("\n") or self.history_footer[0].isspace()):
+            raise ValueError("history_footer must end with a newline and not start with whitespace (block boundary rule)")
         if self.max_history < 1:
             raise ValueError("max_history must be at least 1")
+        if not (self.item_tokens or self.titles or self.categories):
+            raise ValueError("an item line needs at least one of item_tokens, titles and categories")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be distinct")
 
     def item_line(self, item_id: int, title: str, category: str, text: str = "", with_text: bool = False) -> str:
         """One item as text, ending with a newline and starting with no whitespace."""
         head = item_token(item_id) if self.item_tokens else ""
-        name = f"{title.strip()} " if self.titles else ""
-        line = f"{head}{name}({category.replace('|', ', ')})"
+        words = [title.strip()] if self.titles else []
+        if self.categories:
+            words.append(f"({category.replace('|', ', ')})")
+        line = head + " ".join(words)
         if with_text and self.item_text_words and text:
             line += ": " + " ".join(text.split()[: self.item_text_words])
         return line.lstrip() + "\n"
@@ -60,7 +74,8 @@ class PromptTemplate:
     def user_text(self, history) -> str:
         """The user block: header and the most recent ``max_history`` items (``ItemInfo``-like)."""
         recent = history[-self.max_history:]
-        return self.history_header + "".join(self.item_line(i.item_id, i.title, i.category) for i in recent)
+        lines = "".join(self.item_line(i.item_id, i.title, i.category) for i in recent)
+        return self.history_header + lines + self.history_footer
 
     def label_line(self, label: str) -> str:
         return f"{label}\n"

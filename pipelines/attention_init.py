@@ -63,7 +63,7 @@ def label_head_init(model, offset: int, margin: float = 12.0, copy_gain: float =
             layer.self_attn.q_proj.weight[:, CONSTANT_DIM] = 0
             layer.self_attn.k_proj.weight[:, CONSTANT_DIM] = 0
     freqs = model.model.rotary_emb.inv_freq.float().cpu()  # [half]; pairs (i, i + half) rotate at freqs[i]
-    weights = _positional_weights(freqs, offset, margin, max_distance)
+    weights = positional_weights(freqs, offset, margin, max_distance)
     amplitude = (weights.abs() * dim ** 0.5).sqrt() / constant  # score = amplitude^2 constant^2 / sqrt(dim)
     phase = -offset * freqs
     gen = torch.Generator().manual_seed(seed + 2)
@@ -84,7 +84,7 @@ def _cosines(freqs: torch.Tensor, offset: int, max_distance: int) -> torch.Tenso
     return torch.cos((distance[None] - offset) * freqs[:, None])  # [n_freqs, max_distance]
 
 
-def _positional_weights(freqs: torch.Tensor, offset: int, margin: float, max_distance: int) -> torch.Tensor:
+def positional_weights(freqs: torch.Tensor, offset: int, margin: float, max_distance: int) -> torch.Tensor:
     """Signed per-frequency weights: squared hinge losses push the score at ``offset`` over
     ``margin`` and every other distance under ``-margin`` (not reachable exactly; the fit trades them)."""
     cosines = _cosines(freqs, offset, max_distance)

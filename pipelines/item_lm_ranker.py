@@ -13,12 +13,13 @@ same histories beats the retriever on MovieLens-1M. This recipe therefore
 
    - layer L, attention: every token after the marker copies the marker's next-item prediction
      (a rank-R projection: PRED); each candidate's item token copies its label from two tokens
-     back (LAB), at a magnitude that dominates its norm, so RMSNorm scales every candidate alike.
+     back (LAB), at a magnitude that dominates its norm, so RMSNorm scales every candidate alike;
+     every other token rests on the system block's first token (a sink that cached blocks see too).
    - layer L, MLP: SCORE = PRED . KEY, the item LM's logit of the token's own item (KEY, the item's
      rank-R output embedding, is part of its input embedding), exact by silu(z) - silu(-z) = z.
    - layer L+1, attention: the last token attends to the candidates' item tokens with score
-     ``tau * SCORE + b[label] + GATE`` and copies their labels (OUT); ``GATE`` is large enough
-     that no other token competes. The label tokens' output rows read OUT.
+     ``tau * SCORE + b[label] + gate`` and copies their labels (OUT); ``gate``, carried by LAB, is
+     large enough that no other token competes. The label tokens' output rows read OUT.
 
 The result is a plain ``LlamaForCausalLM`` on which every serving mode runs; the label logits
 rank candidates by ``tau * logit + b[label]`` (logits proportional to its softmax).
@@ -43,7 +44,7 @@ from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.prompt.template import NEXT_MARKER
 from rcllm_sdk.retrieval import Retriever
 
-from .attention_init import _positional_weights
+from .attention_init import positional_weights
 from .examples import BlockEncoder, build_examples
 from .train import lr_factor, take_step, tokenizer_corpus
 
@@ -203,8 +204,12 @@ class Layout:
     def item_flag(self) -> int:  # small, in item tokens' embeddings: queries of the label binding
         return self.hidden + 4
 
+    @property
+    def sink(self) -> int:  # small, in the system block's first token: where unbound tokens rest
+        return self.hidden + 5
+
     def _span(self, n: int, size: int) -> slice:
-        start = self.hidden + 5 + n * self.k
+        start = self.hidden + 6 + n * self.k
         return slice(start, start + size)
 
     @property
@@ -221,22 +226,22 @@ class Layout:
 
     @property
     def key(self) -> slice:  # the item's rank-R output embedding, in item tokens' embeddings
-        start = self.hidden + 5 + 3 * self.k
+        start = self.hidden + 6 + 3 * self.k
         return slice(start, start + self.rank)
 
     @property
     def pred(self) -> slice:  # the marker's rank-R prediction, copied to every later token
-        start = self.hidden + 5 + 3 * self.k + self.rank
+        start = self.hidden + 6 + 3 * self.k + self.rank
         return slice(start, start + self.rank)
 
     @property
     def width(self) -> int:
-        return math.ceil((self.hidden + 5 + 3 * self.k + 2 * self.rank) / self.multiple) * self.multiple
+        return math.ceil((self.hidden + 6 + 3 * self.k + 2 * self.rank) / self.multiple) * self.multiple
 
 
 GATHER_SCORE = 30.0  # attention score of the marker over other tokens, at the least favourable norms
 BIND_MARGIN = 30.0  # positional score margin of the label binding (two tokens back vs elsewhere)
-SINK = 30.0  # score of the marker in the binding head: where tokens that bind nothing rest
+SINK = 30.0  # score of the system block's first token in the binding head: where unbound tokens rest
 SMALL = 1e-3  # size of the extra embedding features relative to an item embedding (the item LM barely sees them)
 SPAN = 100.0  # how far the bound label dominates everything else in a candidate's residual
 
@@ -267,7 +272,8 @@ def compile_ranker(base: LlamaForCausalLM, tokenizer, template: PromptTemplate, 
         eos_token_id=cfg.eos_token_id, tie_word_embeddings=False))
     for p in model.parameters():
         p.zero_()
-    key_scale = _copy_item_lm(base, model, layout, labels, marker, basis, item_token_ids)
+    sink = calibration[0][0]  # every prompt, and every block's canonical context, starts with the system block
+    key_scale = _copy_item_lm(base, model, layout, labels, marker, sink, basis, item_token_ids)
     norms = _residual_norms(model, calibration, cfg.num_hidden_layers, marker, labels, item_token_ids)
     _set_gather(model, base, layout, basis, norms, gather_heads, head_dim)
     pred_norm = float((marker_predictions(base, calibration, marker) @ basis).norm(dim=1).max())
@@ -285,12 +291,12 @@ def _rope_theta(cfg) -> float:
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
-def _copy_item_lm(base, model, layout: Layout, labels: list[int], marker: int, basis: torch.Tensor,
+def _copy_item_lm(base, model, layout: Layout, labels: list[int], marker: int, sink: int, basis: torch.Tensor,
                   item_token_ids: torch.Tensor) -> float:
     """The item LM's layers, embeddings and head in the first ``hidden`` dimensions, with RMSNorm
     weights rescaled so that its hidden states are unchanged by the (small) extra dimensions;
-    embedding extras: CONST everywhere, MARK on the marker, KEY on item tokens, large LABEL_FLAG and
-    one-hot LABEL_SRC on label tokens. Returns the scale of KEY (KEY = scale * out_emb @ basis)."""
+    embedding extras: CONST everywhere, MARK on the marker, SINK on the system block's first token,
+    KEY and ITEM_FLAG on item tokens, large CONST, LABEL_FLAG and one-hot LABEL_SRC on label tokens. Returns the scale of KEY (KEY = scale * out_emb @ basis)."""
     h, width = layout.hidden, layout.width
     rescale = math.sqrt(h / width)
     emb, base_emb = model.model.embed_tokens.weight, base.model.embed_tokens.weight
@@ -299,13 +305,14 @@ def _copy_item_lm(base, model, layout: Layout, labels: list[int], marker: int, b
     small = SMALL * typical
     emb[:, layout.const] = small
     emb[marker, layout.mark] = small
+    emb[sink, layout.sink] = small
     keys = base.lm_head.weight[item_token_ids] @ basis
     key_scale = small / float(keys.norm(dim=1).median())
     emb[item_token_ids, layout.key] = key_scale * keys
     emb[item_token_ids, layout.item_flag] = small
     big = 1e4 * typical  # label tokens come after the marker: their item-LM state is never read
     emb[labels, :h] = 0
-    emb[labels, layout.const] = big  # so that label tokens, too, rest on the marker in the binding head
+    emb[labels, layout.const] = big  # so that label tokens, too, rest on the sink in the binding head
     emb[labels, layout.label_flag] = big
     for j, token in enumerate(labels):
         emb[token, layout.label_src.start + j] = big
@@ -352,11 +359,12 @@ def _residual_norms(model, prompts: list[list[int]], layer: int, marker: int, la
     finally:
         hook.remove()
     items = set(item_token_ids.tolist())
-    found = {"marker": [], "candidate": [], "label": [], "final": []}
+    found = {"marker": [], "sink": [], "candidate": [], "label": [], "final": []}
     for n, prompt in enumerate(prompts):
         x = captured[n // 64][n % 64].norm(dim=-1)
         cut = prompt.index(marker)
         found["marker"].append(x[cut])
+        found["sink"].append(x[0])
         found["final"].append(x[len(prompt) - 1])
         found["label"] += [x[p] for p, t in enumerate(prompt) if t in labels]
         found["candidate"] += [x[p] for p, t in enumerate(prompt) if p > cut and t in items]
@@ -387,8 +395,9 @@ def _set_gather(model, base, layout: Layout, basis: torch.Tensor, norms: dict, g
 
 
 def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, pred_norm: float) -> float:
-    """Layer L's next head binds each candidate's item token to its label. Every token after the
-    marker rests on the marker (CONST query, MARK key, slowest rotary pair, score ``SINK``); item
+    """Layer L's next head binds each candidate's item token to its label. Every token rests on
+    the system block's first token (CONST query, SINK key, slowest rotary pair, score ``SINK``) — it
+    is there in every prompt and in every cached block's canonical context; item
     tokens also query label tokens by position (ITEM_FLAG query, LABEL_FLAG key, the other rotary
     pairs fitted as in ``attention_init.label_head_init``): ``SINK + BIND_MARGIN`` two tokens back,
     ``-BIND_MARGIN`` elsewhere. A positional score alone cannot tell two tokens back from three
@@ -402,11 +411,11 @@ def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, p
     item = float(norms["candidate"].median())
     flag = scaled(float(emb[:, layout.item_flag].max()), item)
     label_key = scaled(float(emb[:, layout.label_flag].max()), float(norms["label"].median()))
-    marker_key = scaled(float(emb[:, layout.mark].max()), float(norms["marker"].median()))
+    sink_key = scaled(float(emb[:, layout.sink].max()), float(norms["sink"].median()))
     const = scaled(float(emb[0, layout.const]), item)
     freqs = model.model.rotary_emb.inv_freq.float().cpu()[: half - 1]  # the slowest pair is the sink's
     with torch.enable_grad():
-        weights = _positional_weights(freqs, 2, BIND_MARGIN, 2048)
+        weights = positional_weights(freqs, 2, BIND_MARGIN, 2048)
     # Scores in units of BIND_MARGIN, scaled so the label gets SINK + BIND_MARGIN and other labels
     # at most -(SINK + BIND_MARGIN): the label beats the sink, the sink beats every other label.
     amplitude = (weights.abs() * math.sqrt(head_dim) * (1 + SINK / BIND_MARGIN)).sqrt()
@@ -416,9 +425,9 @@ def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, p
     attn.q_proj.weight[base + half:base + head_dim - 1, layout.item_flag] = \
         weights.sign() * amplitude * torch.sin(phase) / flag
     attn.k_proj.weight[base:slow, layout.label_flag] = amplitude / label_key
-    gain = math.sqrt(SINK * math.sqrt(head_dim) / (const * marker_key))
+    gain = math.sqrt(SINK * math.sqrt(head_dim) / (const * sink_key))
     attn.q_proj.weight[slow, layout.const] = gain
-    attn.k_proj.weight[slow, layout.mark] = gain
+    attn.k_proj.weight[slow, layout.sink] = gain
     bound = SPAN * (float(norms["candidate"].max()) + pred_norm)
     label_src_value = scaled(float(emb[:, layout.label_src].max()), float(norms["label"].median()))
     for j in range(layout.k):

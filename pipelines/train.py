@@ -74,7 +74,7 @@ class TrainConfig:
         unused = [name for name, on in (("block_aware", self.block_aware), ("shuffle_candidates", self.shuffle_candidates),
                                         ("history_lm_weight", self.history_lm_weight)) if on]
         if unused:
-            raise ValueError(f"{', '.join(unused)} apply to the verbalizer recipe, not item-lm")
+            raise ValueError(f"{', '.join(unused)}: only for the verbalizer recipe, not item-lm")
         hidden, _, heads, _ = ITEM_LM_SHAPES[self.size]
         if self.candidates > hidden // heads:
             raise ValueError(f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}")

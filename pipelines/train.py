@@ -79,7 +79,7 @@ class TrainConfig:
         if self.candidates > hidden // heads:
             raise ValueError(f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}")
         if not 0 <= self.item_lm_rank <= hidden:
-            raise ValueError(f"item_lm_rank must be between 1 and the item LM's hidden size {hidden} (0: all)")
+            raise ValueError(f"item_lm_rank must be between 0 (all dimensions) and the item LM's hidden size {hidden}")
         if self.item_lm_window < 1:
             raise ValueError("item_lm_window must be >= 1")
 

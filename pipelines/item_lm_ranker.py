@@ -242,6 +242,7 @@ class Layout:
 GATHER_SCORE = 30.0  # attention score of the marker over other tokens, at the least favourable norms
 BIND_MARGIN = 30.0  # positional score margin of the label binding (two tokens back vs elsewhere)
 SINK = 30.0  # score of the system block's first token in the binding head: where unbound tokens rest
+ROBUST = 10.0  # the gather and binding scores hold for residual norms up to this many times the calibration's
 SMALL = 1e-3  # size of the extra embedding features relative to an item embedding (the item LM barely sees them)
 SPAN = 100.0  # how far the bound label dominates everything else in a candidate's residual
 
@@ -381,7 +382,8 @@ def _set_gather(model, base, layout: Layout, basis: torch.Tensor, norms: dict, g
     layer.input_layernorm.weight[:] = 1.0
     emb = model.model.embed_tokens.weight
     scaled = lambda value, norm: value * math.sqrt(width) / norm  # noqa: E731  RMSNorm of one coordinate
-    query = scaled(float(emb[0, layout.const]), float(norms["final"].max().clamp(min=norms["candidate"].max())))
+    largest = ROBUST * float(norms["final"].max().clamp(min=norms["candidate"].max()))
+    query = scaled(float(emb[0, layout.const]), largest)
     key = scaled(float(emb[:, layout.mark].max()), float(norms["marker"].max()))
     gain = math.sqrt(GATHER_SCORE * math.sqrt(head_dim) / (query * key))
     read = basis.T * base.model.norm.weight[None] * math.sqrt(layout.hidden / width)  # [R, hidden]
@@ -408,7 +410,7 @@ def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, p
     attn, half, width = layer.self_attn, head_dim // 2, layout.width
     emb = model.model.embed_tokens.weight
     scaled = lambda value, norm: value * math.sqrt(width) / norm  # noqa: E731  RMSNorm of one coordinate
-    item = float(norms["candidate"].median())
+    item = ROBUST * float(norms["candidate"].median())  # scores as stated for norms this large, larger below
     flag = scaled(float(emb[:, layout.item_flag].max()), item)
     label_key = scaled(float(emb[:, layout.label_flag].max()), float(norms["label"].median()))
     sink_key = scaled(float(emb[:, layout.sink].max()), float(norms["sink"].median()))

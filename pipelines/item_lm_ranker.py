@@ -154,7 +154,11 @@ def score_basis(model: LlamaForCausalLM, item_token_ids: torch.Tensor, rank: int
 def candidate_scores(model, prompts: list[list[int]], candidate_tokens: list[list[int]], marker_id: int,
                      basis: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` rank-R item-LM logits of each prompt's candidates, read at the marker."""
-    predictions = marker_predictions(model, prompts, marker_id) @ basis  # [N, R]
+    return _scores_of((marker_predictions(model, prompts, marker_id) @ basis), model, candidate_tokens, basis)
+
+
+def _scores_of(predictions: torch.Tensor, model, candidate_tokens: list[list[int]], basis: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` scores from projected marker predictions ``[N, R]``."""
     keys = model.lm_head.weight.detach()[torch.tensor(candidate_tokens)] @ basis  # [N, K, R]
     return torch.einsum("nr,nkr->nk", predictions, keys)
 
@@ -277,9 +281,9 @@ def compile_ranker(base: LlamaForCausalLM, tokenizer, template: PromptTemplate, 
     key_scale = _copy_item_lm(base, model, layout, labels, marker, sink, basis, item_token_ids)
     norms = _residual_norms(model, calibration, cfg.num_hidden_layers, marker, labels, item_token_ids)
     _set_gather(model, base, layout, basis, norms, gather_heads, head_dim)
-    pred_norm = float((marker_predictions(base, calibration, marker) @ basis).norm(dim=1).max())
-    bound = _set_binding(model, layout, norms, gather_heads, head_dim, pred_norm)
-    s = candidate_scores(base, calibration, [_candidate_tokens(p, labels) for p in calibration], marker, basis)
+    predictions = marker_predictions(base, calibration, marker) @ basis  # one item-LM pass for both uses
+    bound = _set_binding(model, layout, norms, gather_heads, head_dim, float(predictions.norm(dim=1).max()))
+    s = _scores_of(predictions, base, [_candidate_tokens(p, labels) for p in calibration], basis)
     score_unit = float(norms["candidate"].max()) / float(s.abs().max())  # SCORE = score_unit * s
     _set_product(model, layout, bound, score_unit, key_scale)
     final = _residual_norms(model, calibration, cfg.num_hidden_layers + 1, marker, labels, item_token_ids)["final"]

@@ -61,10 +61,7 @@ def test_the_compiled_lookup_ranks_candidates_like_the_readout(compiled):
     assert bool((got.argmax(1) == want.argmax(1)).all())
     # The label logits are proportional to a softmax of the readout (at a per-prompt temperature),
     # so the whole order agrees except where the readout nearly ties.
-    gaps = want.sort(1, descending=True).values.diff(dim=1).abs()
-    clear = bool((gaps > 1e-2).all())
     same_order = (got.argsort(1, descending=True) == want.argsort(1, descending=True)).all(1).float()
-    assert clear or same_order.mean() >= 0.9
     assert same_order.mean() >= 0.9
 
 

@@ -29,6 +29,12 @@ next-item log-probability of each candidate combined with the position (:func:`i
 
     python pipelines/gate_sweep.py itemlm --repo /tmp/ml1m_repo --steps 2000
 
+``worlds`` (CPU, synthetic only): the same with items represented by their content (category, part,
+hashed series name, popularity) instead of ids, trained on the repo's training split and on other
+synthetic worlds (:func:`content_lm_headroom`)::
+
+    python pipelines/gate_sweep.py worlds --repo /tmp/gate_repo --worlds 8 --steps 1500
+
 Terms: a *hint* example's query names the answer ("The user picked <i42>. Which candidate ...
 Answer:"), so the model only has to find the label in front of that item; the hint probability holds
 at 1 until ``hint_hold`` and anneals to 0 at ``hint_end`` (fractions of training). The *K schedule*
@@ -353,15 +359,21 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-scored:]] for h, _, _ in rows[n:n + 256]],
                                            [[token[i] for i in c] for _, c, _ in rows[n:n + 256]])
                            for n in range(0, len(rows), 256)])
-    features = np.concatenate([np.broadcast_to(np.eye(K), (len(rows), K, K)), logp[:, :, None]], axis=2)
+    return _print_versus(f"item LM ({steps} steps, windows of {window}, last {scored} items scored) + position",
+                         _two_fold_with_position(logp, targets), targets)
+
+
+def _two_fold_with_position(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Ranks of the truth under a softmax ranker over the candidate's position and ``scores``
+    (``[N, K]``), its K + 1 weights fitted on the other half of the users (2-fold); -1 stays a miss."""
+    features = np.concatenate([np.broadcast_to(np.eye(K), (len(scores), K, K)), scores[:, :, None]], axis=2)
     ranks = targets.copy()
     for fold in (0, 1):
-        fit = (np.arange(len(rows)) % 2 != fold) & (targets >= 0)
+        fit = (np.arange(len(scores)) % 2 != fold) & (targets >= 0)
         w = _fit_softmax_weights(torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit]), 500)
-        held_out = np.flatnonzero(np.arange(len(rows)) % 2 == fold)
+        held_out = np.flatnonzero(np.arange(len(scores)) % 2 == fold)
         ranks[held_out] = _ranks(torch.tensor(features[held_out] @ w), targets[held_out].tolist())
-    return _print_versus(f"item LM ({steps} steps, windows of {window}, last {scored} items scored) + position",
-                         ranks, targets)
+    return ranks
 
 
 def _fit_item_lm(sequences: list[list[int]], vocab: int, steps: int, window: int, batch: int, seed: int):
@@ -400,6 +412,170 @@ def _next_item_logp(model, histories: list[list[int]], candidates: list[list[int
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logp = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].log_softmax(-1)
     return torch.gather(logp, 1, torch.tensor(candidates)).numpy()
+
+
+# ---------------------------------------------------------------- content item LM, other synthetic worlds
+
+SERIES_CODE_DIM = 256
+MAX_PART = 8  # part numbers above share one embedding
+
+
+def content_lm_headroom(repo: Path, steps: int, worlds: int, layers: int = 2, hidden: int = 64, batch: int = 64,
+                        seed: int = 0, transitions: bool = False) -> dict:
+    """Does reading item *content* instead of item ids let a sequence model beat the retriever on the
+    synthetic world? An item is its category, its part number, a fixed random code of its series
+    name (hashed: no per-item parameter to memorise) and its popularity bucket; a Llama over these
+    (:class:`ContentItemLM`) learns next-item prediction (seen items masked) on the repo's training
+    split and on ``worlds`` other synthetic worlds (seeds 1000, 1001, ...: other items, titles and
+    users, the same generator). Test users' candidates are then scored as in :func:`item_lm_headroom`.
+    ``transitions`` adds to each item's input whether it stayed in the previous item's category and
+    whether it is the previous item's next part: comparisons of adjacent items' content that the
+    model does not learn to make itself (README, "Round 9"). A diagnostic, not a served ranker."""
+    import polars as pl
+
+    from rcllm_sdk.data import synthetic as syn
+    from rcllm_sdk.data.split import TEST, TRAIN, histories
+    from rcllm_sdk.retrieval import Retriever
+
+    inter = pl.read_parquet(repo / "data" / "interactions.parquet")
+    items = pl.read_parquet(repo / "data" / "items.parquet").sort("item_id")
+    row = {int(i): n for n, i in enumerate(items["item_id"])}
+    train = [[row[i] for i in s] for s in histories(inter.filter(pl.col("split") == TRAIN), exclude=())["item_ids"]]
+    target = (train, _content_features(items, train))
+    corpus = [target]
+    for w in range(worlds):
+        other, other_items = syn.generate(syn.SyntheticConfig(seed=1000 + w))
+        other_items = other_items.sort("item_id")
+        other_row = {int(i): n for n, i in enumerate(other_items["item_id"])}
+        sequences = [[other_row[i] for i in s]
+                     for s in other.group_by("user_id", maintain_order=True).agg("item_id")["item_id"]]
+        corpus.append((sequences, _content_features(other_items, sequences)))
+    torch.manual_seed(seed)
+    model = _fit_content_lm(corpus, steps, ContentItemLM(layers, hidden, transitions), batch, seed)
+    serving = Retriever.load(repo / "data" / "retriever.npz")
+    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
+    rows = [([row[i] for i in h], serving.candidates(list(h), K), truth[u])
+            for u, h, _ in histories(inter, exclude=(TEST,)).iter_rows() if u in truth]
+    targets = np.array([c.index(t) if t in c else -1 for _, c, t in rows])
+    with torch.no_grad():
+        scores = np.concatenate([model.candidate_scores([h for h, _, _ in rows[n:n + 256]],
+                                                        [[row[i] for i in c] for _, c, _ in rows[n:n + 256]],
+                                                        target[1]).numpy()
+                                 for n in range(0, len(rows), 256)])
+    alone = np.array([_ranks(torch.tensor(s[None]), [t])[0] if t >= 0 else -1 for s, t in zip(scores, targets)])
+    name = f"content item LM{' with transitions' if transitions else ''}"
+    _print_versus(f"{name} alone", alone, targets)
+    return _print_versus(f"{name} ({steps} steps, {worlds} other worlds, {layers} layers of {hidden}) + position",
+                         _two_fold_with_position(scores, targets), targets)
+
+
+def _content_features(items, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Per item (rows of ``items``, titled "<Series> Part N"): category index, part number,
+    fixed random code of the series name, popularity bucket (tenths of log1p(count) / its max) and
+    log1p(count) itself (the generator picks within a category by popularity)."""
+    import zlib
+
+    from rcllm_sdk.data.synthetic import _CATEGORIES
+
+    category, part, series = [], [], []
+    for title, cat in items.select("title", "category").iter_rows():
+        name, _, number = title.rpartition(" Part ")
+        category.append(_CATEGORIES.index(cat))
+        part.append(int(number))
+        series.append(zlib.crc32(name.encode()))
+    code = [np.random.default_rng(key).standard_normal(SERIES_CODE_DIM) for key in series]
+    log_count = np.log1p(np.bincount(np.concatenate(sequences), minlength=len(items)))
+    bucket = np.minimum((10 * log_count / max(log_count.max(), 1e-9)).astype(int), 9)
+    return {"category": torch.tensor(category), "part": torch.tensor(part), "popularity": torch.tensor(bucket),
+            "series_key": torch.tensor(series),
+            "log_count": torch.tensor(log_count, dtype=torch.float32)[:, None],
+            "series": torch.tensor(np.stack(code) / SERIES_CODE_DIM ** 0.5, dtype=torch.float32)}
+
+
+class ContentItemLM(torch.nn.Module):
+    """A Llama over items represented by their content: input and output embeddings are sums of
+    category, part and popularity embeddings and a linear map of the series code; the output bias is
+    a popularity-bucket term plus a learned multiple of log1p(count)."""
+
+    def __init__(self, layers: int, hidden: int, transitions: bool = False):
+        from transformers import LlamaConfig, LlamaModel
+
+        from rcllm_sdk.data.synthetic import _CATEGORIES
+
+        super().__init__()
+        self.llama = LlamaModel(LlamaConfig(vocab_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                                            max_position_embeddings=64, rope_theta=1e6))
+        self.sides = torch.nn.ModuleList(torch.nn.ModuleDict({
+            "category": torch.nn.Embedding(len(_CATEGORIES), hidden), "part": torch.nn.Embedding(MAX_PART + 1, hidden),
+            "popularity": torch.nn.Embedding(10, hidden), "series": torch.nn.Linear(SERIES_CODE_DIM, hidden, bias=False),
+        }) for _ in range(2))
+        self.output_bias = torch.nn.Embedding(10, 1)
+        self.log_count_weight = torch.nn.Parameter(torch.zeros(1))
+        self.transition = torch.nn.Embedding(5, hidden) if transitions else None  # 0: no previous item
+        for side in self.sides:
+            for name in ("category", "part", "popularity"):
+                torch.nn.init.normal_(side[name].weight, std=0.1)
+
+    def tables(self, f: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, outputs)``: ``[items, hidden + 1]`` each; the last column is the output bias."""
+        inputs, outputs = (side["category"](f["category"]) + side["part"](f["part"].clamp(max=MAX_PART))
+                           + side["popularity"](f["popularity"]) + side["series"](f["series"]) for side in self.sides)
+        bias = self.output_bias(f["popularity"]) + self.log_count_weight * f["log_count"]
+        return torch.cat([inputs, torch.ones_like(bias)], 1), torch.cat([outputs, bias], 1)
+
+    def states(self, sequences: list[list[int]], f: dict, inputs: torch.Tensor, left_pad: bool = False) -> torch.Tensor:
+        width = max(map(len, sequences))
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        mask, codes = torch.zeros_like(ids), torch.zeros_like(ids)
+        for b, s in enumerate(sequences):
+            span = slice(width - len(s), width) if left_pad else slice(0, len(s))
+            ids[b, span], mask[b, span] = torch.tensor(s), 1
+            codes[b, span][1:] = self._transition_codes(torch.tensor(s), f)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        x = inputs[ids, :-1] + (self.transition(codes) if self.transition is not None else 0)
+        hidden = self.llama(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
+        return torch.cat([hidden, torch.ones_like(hidden[..., :1])], -1)  # times an output row: logit + bias
+
+    @staticmethod
+    def _transition_codes(s: torch.Tensor, f: dict) -> torch.Tensor:
+        """1 + 2 * (same category as the previous item) + (the previous item's next part), items 1..n-1."""
+        same = f["category"][s[1:]] == f["category"][s[:-1]]
+        sequel = (f["series_key"][s[1:]] == f["series_key"][s[:-1]]) & (f["part"][s[1:]] == f["part"][s[:-1]] + 1)
+        return 1 + 2 * same.long() + sequel.long()
+
+    def candidate_scores(self, histories: list[list[int]], candidates: list[list[int]], f: dict) -> torch.Tensor:
+        inputs, outputs = self.tables(f)
+        last = self.states([h[-40:] for h in histories], f, inputs, left_pad=True)[:, -1]
+        return torch.einsum("nd,nkd->nk", last, outputs[torch.tensor(candidates)])
+
+
+def _fit_content_lm(corpus: list, steps: int, model: ContentItemLM, batch: int, seed: int) -> ContentItemLM:
+    """Next-item cross-entropy over each world's catalogue (items already in the sequence masked),
+    every batch from one world drawn uniformly; sequences of at most 40 items."""
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    for step in range(steps):
+        sequences, features = corpus[rng.integers(len(corpus))]
+        picked = [sequences[n][:40] for n in rng.integers(0, len(sequences), batch)]
+        picked = [s for s in picked if len(s) >= 2]
+        inputs, outputs = model.tables(features)
+        logits = model.states(picked, features, inputs)[:, :-1] @ outputs.T
+        width = logits.shape[1]
+        seen = torch.zeros(logits.shape, dtype=torch.bool)
+        targets = torch.full((len(picked), width), -100)
+        for b, s in enumerate(picked):
+            for t in range(len(s) - 1):
+                seen[b, t:, s[t]] = True
+            targets[b, :len(s) - 1] = torch.tensor(s[1:])
+        loss = torch.nn.functional.cross_entropy(logits.masked_fill(seen, -1e4).flatten(0, 1), targets.flatten(),
+                                                 ignore_index=-100)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 500 == 0:
+            print(f"step {step}: loss {loss.item():.3f}", flush=True)
+    return model.eval()
 
 
 CONTENT_FEATURES = ("same category", "category share", "cosine", "next part", "transition",
@@ -945,6 +1121,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--window", type=int, default=40, help="training window (items per sequence)")
     p.add_argument("--scored-history", type=int, help="history items read when scoring (default: --window)")
+    p = sub.add_parser("worlds")
+    p.add_argument("--repo", default="/tmp/gate_repo")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--worlds", type=int, default=8, help="other synthetic worlds trained on (seeds 1000, 1001, ...)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and sampling")
+    p.add_argument("--transitions", action="store_true",
+                   help="give each item whether it stayed in the previous item's category / is its next part")
     p = sub.add_parser("sweep")
     p.add_argument("--data", default="bench_out/gate/data.pt")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))
@@ -967,6 +1152,9 @@ def main(argv=None) -> None:
         headroom(Path(args.repo), args.sequel_habits, args.ablate)
     elif args.command == "itemlm":
         item_lm_headroom(Path(args.repo), args.steps, args.window, scored_history=args.scored_history)
+    elif args.command == "worlds":
+        content_lm_headroom(Path(args.repo), args.steps, args.worlds, args.layers, args.hidden,
+                            seed=args.seed, transitions=args.transitions)
     elif args.command == "sweep":
         sweep(args)
     else:

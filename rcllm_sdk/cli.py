@@ -168,11 +168,12 @@ def _train_config(args):
         raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
 
-def _train_args(p, steps: int, size: str = "small", batch_size: int = 32) -> None:
+def _train_args(p, steps: int, size: str = "small", batch_size: int | None = None) -> None:
     p.add_argument("--size", default=size, help="ranker preset: micro, small, base")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="prompts (item-lm: history windows) per step (default: verbalizer 32, item-lm 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: verbalizer 2e-3, item-lm 3e-3)")
     p.add_argument("--item-text-words", type=int, default=0,
                    help="description words in each item block of the trained template (0: title and category)")
     p.add_argument("--block-aware", action="store_true",

@@ -174,3 +174,21 @@ def test_item_lm_headroom_runs_on_an_ingested_repo(ingested_repo):
 def test_item_lm_headroom_refuses_scoring_beyond_the_training_window(ingested_repo):
     with pytest.raises(ValueError, match="training window"):
         gs.item_lm_headroom(ingested_repo, steps=1, window=4, scored_history=5)
+
+
+def test_content_item_lm_marks_category_stays_and_next_parts_of_the_previous_item():
+    import polars as pl
+
+    items = pl.DataFrame({"title": ["Vo Saga Part 1", "Vo Saga Part 2", "Ka Tale Part 1", "Vo Saga Part 3"],
+                          "category": ["Mystery", "Mystery", "Mystery", "Health"]})
+    features = gs._content_features(items, [[0, 1, 2], [3]])
+    assert features["part"].tolist() == [1, 2, 1, 3] and features["log_count"].shape == (4, 1)
+    assert torch.equal(features["series"][0], features["series"][1])  # the same series name: the same code
+    assert not torch.equal(features["series"][0], features["series"][2])
+    # 1 + 2 * same category + next part: 0 -> 1 both, 1 -> 2 stays only, 2 -> 3 neither, 1 -> 3 next part only
+    codes = gs.ContentItemLM._transition_codes(torch.tensor([0, 1, 2, 3]), features)
+    assert codes.tolist() == [4, 3, 1]
+    assert gs.ContentItemLM._transition_codes(torch.tensor([1, 3]), features).tolist() == [2]
+    model = gs.ContentItemLM(layers=1, hidden=8, transitions=True)
+    scores = model.candidate_scores([[0, 1], [2]], [[2, 3], [0, 1]], features)
+    assert scores.shape == (2, 2) and torch.isfinite(scores).all()

@@ -149,3 +149,11 @@ def test_compact_lines_and_the_history_footer():
         PromptTemplate(titles=False, categories=False, item_tokens=False)
     tok = train_tokenizer(["x"], [7], template, 300)
     assert len(tok(NEXT_MARKER, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_train_config_takes_the_recipes_measured_defaults_unless_given():
+    verbalizer, item_lm = TrainConfig(), TrainConfig(recipe="item-lm", size="micro")
+    assert (verbalizer.batch_size, verbalizer.lr) == (32, 2e-3)
+    assert (item_lm.batch_size, item_lm.lr) == (64, 3e-3)
+    given = TrainConfig(recipe="item-lm", size="micro", batch_size=8, lr=1e-3)
+    assert (given.batch_size, given.lr) == (8, 1e-3)

@@ -84,12 +84,22 @@ class UserBlockWindows:
         return self._head + lines + [self.marker_id, self._lines[next_item][0]]
 
 
+VALIDATION_SHARE = 20  # with early stopping, every 20th training sequence is held out (at least 20 sequences)
+MAX_VALIDATION_WINDOWS = 512
+
+
 def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
-                  progress: bool = True) -> tuple[LlamaForCausalLM, list[float]]:
+                  progress: bool = True) -> tuple[LlamaForCausalLM, list[float], dict]:
     """A Llama (shape ``ITEM_LM_SHAPES[config.size]``) trained on next-item prediction inside user
     blocks: at every history line's end and at the marker, cross-entropy over the item tokens only
     (text tokens are never targets). ``config`` is a ``TrainConfig``: ``steps`` x ``batch_size``
-    windows of ``item_lm_window`` consecutive items."""
+    windows of ``item_lm_window`` consecutive items.
+
+    Early stopping (``config.item_lm_patience`` > 0): the sequences of every 20th user are held out;
+    their last windows are scored every ``steps // 20`` steps (at least 25), training stops after
+    ``patience`` checks without a better validation loss, and the best weights are returned. Item LMs
+    memorise beyond a few passes over the data (README, "Round 8"). Returns ``(model, losses, record)``.
+    """
     torch.manual_seed(config.seed)
     tok = windows.tokenizer
     hidden, layers, heads, intermediate = ITEM_LM_SHAPES[config.size]
@@ -101,32 +111,98 @@ def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
     usable = [s for s in sequences if len(s) >= 2]
     if not usable:
         raise ValueError("no training sequence has two or more items")
-    is_item = torch.zeros(len(tok), dtype=torch.bool)
-    is_item[windows.item_token_ids] = True
-    item_ids = windows.item_token_ids
-    column = torch.full((len(tok),), -1, dtype=torch.long)
-    column[item_ids] = torch.arange(len(item_ids))
+    train, validation = _validation_split(usable, windows, config)
+    loss_of = _ItemLoss(windows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     rng = np.random.default_rng(config.seed)
-    losses = []
+    losses, stopper = [], _EarlyStopping(config.item_lm_patience, max(25, config.steps // 20))
     model.train()
     bar = tqdm(range(config.steps), desc="train item LM", disable=not progress, unit="step")
-    for _ in bar:
+    for step in bar:
         batch = []
-        for n in rng.integers(0, len(usable), config.batch_size):
-            seq = usable[n]
+        for n in rng.integers(0, len(train), config.batch_size):
+            seq = train[n]
             length = min(config.item_lm_window, len(seq) - 1)
             start = int(rng.integers(0, len(seq) - length))
             batch.append(windows.encode(seq[start:start + length], seq[start + length]))
-        ids, mask, _ = pad_batch(batch, tok.pad_token_id)
+        take_step(model, optimizer, schedule, loss_of(model, batch), losses, bar)
+        if validation and stopper.due(step + 1, config.steps):
+            if stopper.record(model, loss_of.evaluate(model, validation), step + 1):
+                break
+    bar.close()
+    if progress and validation:
+        print(f"item LM: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
+    return stopper.restore(model).eval(), losses, stopper.summary(step + 1)
+
+
+def _validation_split(usable: list[list[int]], windows: UserBlockWindows, config) -> tuple[list, list]:
+    """``(training sequences, validation windows)``; no validation without early stopping or with
+    fewer than ``VALIDATION_SHARE`` sequences."""
+    if config.item_lm_patience <= 0 or len(usable) < VALIDATION_SHARE:
+        return usable, []
+    held = set(np.random.default_rng(config.seed).permutation(len(usable))[: len(usable) // VALIDATION_SHARE].tolist())
+    last_windows = [windows.encode(s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
+    return [s for n, s in enumerate(usable) if n not in held], last_windows[:MAX_VALIDATION_WINDOWS]
+
+
+class _ItemLoss:
+    """Cross-entropy over item tokens at the positions whose next token is an item."""
+
+    def __init__(self, windows: UserBlockWindows):
+        tok = windows.tokenizer
+        self.pad_id, self.item_ids = tok.pad_token_id, windows.item_token_ids
+        self.is_item = torch.zeros(len(tok), dtype=torch.bool)
+        self.is_item[self.item_ids] = True
+        self.column = torch.full((len(tok),), -1, dtype=torch.long)
+        self.column[self.item_ids] = torch.arange(len(self.item_ids))
+
+    def __call__(self, model, batch: list[list[int]]) -> torch.Tensor:
+        ids, mask, _ = pad_batch(batch, self.pad_id)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         targets = ids[:, 1:]
-        rows, cols = torch.nonzero(is_item[targets] & (mask[:, 1:] > 0), as_tuple=True)
-        logits = hidden[rows, cols] @ model.lm_head.weight[item_ids].T  # item tokens only
-        loss = torch.nn.functional.cross_entropy(logits, column[targets[rows, cols]])
-        take_step(model, optimizer, schedule, loss, losses, bar)
-    return model.eval(), losses
+        rows, cols = torch.nonzero(self.is_item[targets] & (mask[:, 1:] > 0), as_tuple=True)
+        logits = hidden[rows, cols] @ model.lm_head.weight[self.item_ids].T  # item tokens only
+        return torch.nn.functional.cross_entropy(logits, self.column[targets[rows, cols]])
+
+    @torch.no_grad()
+    def evaluate(self, model, windows: list[list[int]], batch: int = 128) -> float:
+        model.eval()
+        total = sum(float(self(model, windows[n:n + batch])) * len(windows[n:n + batch])
+                    for n in range(0, len(windows), batch))
+        model.train()
+        return total / len(windows)
+
+
+class _EarlyStopping:
+    """Keeps the weights with the lowest validation loss; says stop after ``patience`` checks without one."""
+
+    def __init__(self, patience: int, every: int):
+        self.patience, self.every = patience, every
+        self.best, self.best_step, self.best_state, self.since_best, self.history = math.inf, 0, None, 0, []
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or step == last
+
+    def record(self, model, loss: float, step: int) -> bool:
+        self.history.append((step, round(loss, 4)))
+        if loss < self.best:
+            self.best, self.best_step, self.since_best = loss, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self, model):
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        return model
+
+    def summary(self, steps_run: int) -> dict:
+        if not self.history:
+            return {"item_lm_steps_run": steps_run}
+        return {"item_lm_steps_run": steps_run, "item_lm_best_step": self.best_step,
+                "item_lm_validation_loss": round(self.best, 4), "item_lm_validation_history": self.history}
 
 
 @torch.no_grad()
@@ -494,7 +570,7 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
     windows = UserBlockWindows(catalog, template, tokenizer)
     _check_labels_unused(windows, tokenizer, template, config.candidates)
     sequences = [seq for group, _ in groups for seq in group]
-    base, losses = train_item_lm(sequences, windows, config, progress)
+    base, losses, stopping = train_item_lm(sequences, windows, config, progress)
     examples, stats = build_examples(groups, config.candidates, max_examples=config.max_examples, seed=config.seed)
     examples = [e for e in examples if len(e.candidates) == config.candidates]  # the readout has K positions
     if len(examples) < 2:
@@ -520,7 +596,7 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
     ranker = Ranker(model, tokenizer, template, fingerprint="unsaved")
     summary = {**stats, "final_loss": readout_loss, "item_lm_final_loss": float(np.mean(losses[-20:])),
                "readout_tau": tau, "readout_bias": [round(float(b), 4) for b in bias],
-               "compiled_top1_agreement": agreement, "train_seconds": time.perf_counter() - started,
+               "compiled_top1_agreement": agreement, "train_seconds": time.perf_counter() - started, **stopping,
                "parameters": sum(p.numel() for p in model.parameters()),
                **{k: v for k, v in asdict(config).items() if k not in ("block_aware", "block_aware_fraction",
                                                                         "history_lm_weight", "shuffle_candidates")}}

@@ -57,6 +57,7 @@ class TrainConfig:
     recipe: str = "verbalizer"
     item_lm_window: int = 40  # item-lm: history items per training window
     item_lm_rank: int = 0  # item-lm: dimensions of the next-item score carried into the lookup (0: all)
+    item_lm_patience: int = 3  # item-lm: early-stopping checks without improvement (0: off; see train_item_lm)
 
     def __post_init__(self):
         if self.size not in PRESETS:
@@ -85,8 +86,8 @@ class TrainConfig:
             raise ValueError(f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}")
         if not 0 <= self.item_lm_rank <= hidden:
             raise ValueError(f"item_lm_rank must be between 0 (all dimensions) and the item LM's hidden size {hidden}")
-        if self.item_lm_window < 1:
-            raise ValueError("item_lm_window must be >= 1")
+        if self.item_lm_window < 1 or self.item_lm_patience < 0:
+            raise ValueError("item_lm_window must be >= 1 and item_lm_patience >= 0")
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:

@@ -163,7 +163,7 @@ def _train_config(args):
                            block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
                            item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight,
                            max_examples=args.max_examples, recipe=args.recipe, item_lm_window=args.item_lm_window,
-                           item_lm_rank=args.item_lm_rank)
+                           item_lm_rank=args.item_lm_rank, item_lm_patience=args.item_lm_patience)
     except ValueError as exc:  # TrainConfig's own validation: a usage error, not a crash
         raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
@@ -186,6 +186,9 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int | None = Non
                    help="verbalizer: train every weight on the label loss; item-lm: train an item-level LM on the "
                         "history blocks and compile the label lookup around it (README, Round 8)")
     p.add_argument("--item-lm-window", type=int, default=40, help="item-lm: history items per training window")
+    p.add_argument("--item-lm-patience", type=int, default=3,
+                   help="item-lm: stop after this many validation checks without improvement, keep the best "
+                        "weights (0: train every step)")
     p.add_argument("--item-lm-rank", type=int, default=0,
                    help="item-lm: dimensions of the next-item score carried into the label lookup (0: all)")
     p.add_argument("--max-examples", type=int, default=20_000,

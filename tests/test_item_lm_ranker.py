@@ -12,8 +12,9 @@ from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.pipelines.examples import BlockEncoder, build_examples
-from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, candidate_scores, compile_ranker,
-                                                 fit_readout, item_lm_template, score_basis, train_item_lm)
+from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, _EarlyStopping, _ItemLoss, _validation_split,
+                                                 candidate_scores, compile_ranker, fit_readout, item_lm_template,
+                                                 score_basis, train_item_lm)
 from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus
 from rcllm_sdk.ingest import read_manifest
@@ -34,9 +35,9 @@ def compiled(ingested_repo):
     tok = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, 600)
     windows = UserBlockWindows(catalog, template, tok)
     groups = cross_fitted_groups(ingested_repo, read_manifest(ingested_repo))
-    base, _ = train_item_lm([s for g, _ in groups for s in g], windows,
-                            TrainConfig(recipe="item-lm", size="micro", steps=40, batch_size=8, candidates=K),
-                            progress=False)
+    base, _, _ = train_item_lm([s for g, _ in groups for s in g], windows,
+                               TrainConfig(recipe="item-lm", size="micro", steps=40, batch_size=8, candidates=K),
+                               progress=False)
     examples, _ = build_examples(groups, K, max_examples=400, seed=0)
     prompts = [BlockEncoder(catalog, template, tok).encode(e)[0] for e in examples]
     candidates = [[tok.convert_tokens_to_ids(item_token(i)) for i in e.candidates] for e in examples]
@@ -157,3 +158,30 @@ def test_train_config_takes_the_recipes_measured_defaults_unless_given():
     assert (item_lm.batch_size, item_lm.lr) == (64, 3e-3)
     given = TrainConfig(recipe="item-lm", size="micro", batch_size=8, lr=1e-3)
     assert (given.batch_size, given.lr) == (8, 1e-3)
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_checks():
+    model = torch.nn.Linear(2, 1)
+    stopper = _EarlyStopping(patience=2, every=10)
+    assert stopper.due(10, 100) and stopper.due(95, 95) and not stopper.due(15, 100)
+    stops = []
+    for step, loss in ((10, 3.0), (20, 2.0), (30, 2.5), (40, 2.6)):
+        with torch.no_grad():
+            model.weight.fill_(loss)  # the weights the loss belongs to
+        stops.append(stopper.record(model, loss, step))
+    assert stops == [False, False, False, True]
+    assert stopper.restore(model).weight[0, 0].item() == 2.0
+    assert stopper.summary(40)["item_lm_best_step"] == 20
+
+
+def test_item_lm_returns_the_weights_of_its_best_validation_check(compiled, ingested_repo):
+    groups = cross_fitted_groups(ingested_repo, read_manifest(ingested_repo))
+    config = TrainConfig(recipe="item-lm", size="micro", steps=60, batch_size=8, lr=3e-2, candidates=K,
+                         item_lm_patience=2)
+    sequences = [s for g, _ in groups for s in g]
+    model, _, record = train_item_lm(sequences, compiled["windows"], config, progress=False)
+    _, validation = _validation_split([s for s in sequences if len(s) >= 2], compiled["windows"], config)
+    assert validation and record["item_lm_validation_history"]
+    assert min(loss for _, loss in record["item_lm_validation_history"]) == record["item_lm_validation_loss"]
+    assert _ItemLoss(compiled["windows"]).evaluate(model, validation) == pytest.approx(record["item_lm_validation_loss"],
+                                                                                       abs=1e-3)

@@ -421,16 +421,17 @@ MAX_PART = 8  # part numbers above share one embedding
 
 
 def content_lm_headroom(repo: Path, steps: int, worlds: int, layers: int = 2, hidden: int = 64, batch: int = 64,
-                        seed: int = 0, transitions: bool = False) -> dict:
+                        seed: int = 0, transitions: str = "none") -> dict:
     """Does reading item *content* instead of item ids let a sequence model beat the retriever on the
     synthetic world? An item is its category, its part number, a fixed random code of its series
     name (hashed: no per-item parameter to memorise) and its popularity bucket; a Llama over these
     (:class:`ContentItemLM`) learns next-item prediction (seen items masked) on the repo's training
     split and on ``worlds`` other synthetic worlds (seeds 1000, 1001, ...: other items, titles and
     users, the same generator). Test users' candidates are then scored as in :func:`item_lm_headroom`.
-    ``transitions`` adds to each item's input whether it stayed in the previous item's category and
-    whether it is the previous item's next part: comparisons of adjacent items' content that the
-    model does not learn to make itself (README, "Round 9"). A diagnostic, not a served ranker."""
+    ``transitions`` ("category" or "both"; "none": off) adds to each item's input whether it stayed in
+    the previous item's category and ("both") whether it is the previous item's next part: comparisons
+    of adjacent items' content that the model does not learn to make itself (README, "Round 9"). A
+    diagnostic, not a served ranker."""
     import polars as pl
 
     from rcllm_sdk.data import synthetic as syn
@@ -463,7 +464,7 @@ def content_lm_headroom(repo: Path, steps: int, worlds: int, layers: int = 2, hi
                                                         target[1]).numpy()
                                  for n in range(0, len(rows), 256)])
     alone = np.array([_ranks(torch.tensor(s[None]), [t])[0] if t >= 0 else -1 for s, t in zip(scores, targets)])
-    name = f"content item LM{' with transitions' if transitions else ''}"
+    name = "content item LM" + ("" if transitions == "none" else f" with {transitions} transitions")
     _print_versus(f"{name} alone", alone, targets)
     return _print_versus(f"{name} ({steps} steps, {worlds} other worlds, {layers} layers of {hidden}) + position",
                          _two_fold_with_position(scores, targets), targets)
@@ -497,7 +498,7 @@ class ContentItemLM(torch.nn.Module):
     category, part and popularity embeddings and a linear map of the series code; the output bias is
     a popularity-bucket term plus a learned multiple of log1p(count)."""
 
-    def __init__(self, layers: int, hidden: int, transitions: bool = False):
+    def __init__(self, layers: int, hidden: int, transitions: str = "none"):
         from transformers import LlamaConfig, LlamaModel
 
         from rcllm_sdk.data.synthetic import _CATEGORIES
@@ -512,7 +513,10 @@ class ContentItemLM(torch.nn.Module):
         }) for _ in range(2))
         self.output_bias = torch.nn.Embedding(10, 1)
         self.log_count_weight = torch.nn.Parameter(torch.zeros(1))
-        self.transition = torch.nn.Embedding(5, hidden) if transitions else None  # 0: no previous item
+        if transitions not in ("none", "category", "both"):
+            raise ValueError(f"transitions must be none, category or both, got {transitions!r}")
+        self.sequels = transitions == "both"
+        self.transition = torch.nn.Embedding(5, hidden) if transitions != "none" else None  # 0: no previous item
         for side in self.sides:
             for name in ("category", "part", "popularity"):
                 torch.nn.init.normal_(side[name].weight, std=0.1)
@@ -531,18 +535,19 @@ class ContentItemLM(torch.nn.Module):
         for b, s in enumerate(sequences):
             span = slice(width - len(s), width) if left_pad else slice(0, len(s))
             ids[b, span], mask[b, span] = torch.tensor(s), 1
-            codes[b, span][1:] = self._transition_codes(torch.tensor(s), f)
+            codes[b, span][1:] = self._transition_codes(torch.tensor(s), f, self.sequels)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         x = inputs[ids, :-1] + (self.transition(codes) if self.transition is not None else 0)
         hidden = self.llama(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
         return torch.cat([hidden, torch.ones_like(hidden[..., :1])], -1)  # times an output row: logit + bias
 
     @staticmethod
-    def _transition_codes(s: torch.Tensor, f: dict) -> torch.Tensor:
-        """1 + 2 * (same category as the previous item) + (the previous item's next part), items 1..n-1."""
+    def _transition_codes(s: torch.Tensor, f: dict, sequels: bool = True) -> torch.Tensor:
+        """1 + 2 * (same category as the previous item) + (the previous item's next part; 0 unless
+        ``sequels``), for items 1..n-1."""
         same = f["category"][s[1:]] == f["category"][s[:-1]]
         sequel = (f["series_key"][s[1:]] == f["series_key"][s[:-1]]) & (f["part"][s[1:]] == f["part"][s[:-1]] + 1)
-        return 1 + 2 * same.long() + sequel.long()
+        return 1 + 2 * same.long() + (sequel.long() if sequels else 0)
 
     def candidate_scores(self, histories: list[list[int]], candidates: list[list[int]], f: dict) -> torch.Tensor:
         inputs, outputs = self.tables(f)
@@ -1128,8 +1133,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling")
-    p.add_argument("--transitions", action="store_true",
-                   help="give each item whether it stayed in the previous item's category / is its next part")
+    p.add_argument("--transitions", choices=["none", "category", "both"], default="none",
+                   help="give each item whether it stayed in the previous item's category (category), and whether it is "
+                        "its next part (both)")
     p = sub.add_parser("sweep")
     p.add_argument("--data", default="bench_out/gate/data.pt")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out/gate/run"))

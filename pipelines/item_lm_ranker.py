@@ -84,7 +84,7 @@ class UserBlockWindows:
         return self._head + lines + [self.marker_id, self._lines[next_item][0]]
 
 
-VALIDATION_SHARE = 20  # with early stopping, every 20th training sequence is held out (at least 20 sequences)
+VALIDATION_SHARE = 20  # with early stopping, a seeded random 1/20 of the training sequences is held out
 MAX_VALIDATION_WINDOWS = 512
 
 
@@ -95,8 +95,8 @@ def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
     (text tokens are never targets). ``config`` is a ``TrainConfig``: ``steps`` x ``batch_size``
     windows of ``item_lm_window`` consecutive items.
 
-    Early stopping (``config.item_lm_patience`` > 0): the sequences of every 20th user are held out;
-    their last windows are scored every ``steps // 20`` steps (at least 25), training stops after
+    Early stopping (``config.item_lm_patience`` > 0): a seeded random twentieth of the sequences is held
+    out; their last windows are scored every ``steps // 20`` steps (at least 25), training stops after
     ``patience`` checks without a better validation loss, and the best weights are returned. Item LMs
     memorise beyond a few passes over the data (README, "Round 8"). Returns ``(model, losses, record)``.
     """

@@ -189,6 +189,7 @@ def test_content_item_lm_marks_category_stays_and_next_parts_of_the_previous_ite
     codes = gs.ContentItemLM._transition_codes(torch.tensor([0, 1, 2, 3]), features)
     assert codes.tolist() == [4, 3, 1]
     assert gs.ContentItemLM._transition_codes(torch.tensor([1, 3]), features).tolist() == [2]
-    model = gs.ContentItemLM(layers=1, hidden=8, transitions=True)
+    assert gs.ContentItemLM._transition_codes(torch.tensor([0, 1, 2, 3]), features, sequels=False).tolist() == [3, 3, 1]
+    model = gs.ContentItemLM(layers=1, hidden=8, transitions="both")
     scores = model.candidate_scores([[0, 1], [2]], [[2, 3], [0, 1]], features)
     assert scores.shape == (2, 2) and torch.isfinite(scores).all()

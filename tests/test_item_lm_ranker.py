@@ -113,6 +113,8 @@ def test_rcllm_default_policy_ranks_like_full_prefill(compiled, text_words):
 
 def test_train_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     from rcllm_sdk import RcRecommender
+    from rcllm_sdk.errors import ModelLoadError
+    from rcllm_sdk.model.ranker import load_ranker
     from rcllm_sdk.pipelines.run import train_from_repo
 
     config = TrainConfig(recipe="item-lm", size="micro", steps=20, batch_size=8, vocab_size=600, max_examples=300)
@@ -125,6 +127,8 @@ def test_train_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     cached = RcRecommender.from_feature_store(ingested_repo, model=tmp_path / "ranker", mode="rcllm")
     for user in users:
         assert full.recommend(user, k=5).item_ids == cached.recommend(user, k=5).item_ids
+    with pytest.raises(ModelLoadError, match="float32"):  # its compiled constants break in bf16 (measured)
+        load_ranker(tmp_path / "ranker", dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("option", [dict(block_aware=True), dict(history_lm_weight=1.0), dict(candidates=40),

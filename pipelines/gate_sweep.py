@@ -340,7 +340,7 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     A diagnostic of what a sequence model could add, not a served ranker."""
     import polars as pl
 
-    from rcllm_sdk.data.split import TEST, TRAIN, histories
+    from rcllm_sdk.data.split import TRAIN, histories
     from rcllm_sdk.retrieval import Retriever
 
     scored = scored_history or window
@@ -352,27 +352,44 @@ def item_lm_headroom(repo: Path, steps: int, window: int = 40, batch: int = 64, 
     train_histories = histories(inter.filter(pl.col("split") == TRAIN), exclude=())["item_ids"]
     train = [[token[i] for i in seq] for seq in train_histories]
     model = _fit_item_lm(train, len(token) + 1, steps, window, batch, seed)
-    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
-    rows = [(list(h), serving.candidates(list(h), K), truth[u])
-            for u, h, _ in histories(inter, exclude=(TEST,)).iter_rows() if u in truth]
-    targets = np.array([c.index(t) if t in c else -1 for _, c, t in rows])
-    logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-scored:]] for h, _, _ in rows[n:n + 256]],
-                                           [[token[i] for i in c] for _, c, _ in rows[n:n + 256]])
+    rows, targets = _served_test_rows(inter, serving)
+    logp = np.concatenate([_next_item_logp(model, [[token[i] for i in h[-scored:]] for h, _ in rows[n:n + 256]],
+                                           [[token[i] for i in c] for _, c in rows[n:n + 256]])
                            for n in range(0, len(rows), 256)])
     return _print_versus(f"item LM ({steps} steps, windows of {window}, last {scored} items scored) + position",
                          _two_fold_with_position(logp, targets), targets)
 
 
+def _served_test_rows(inter, serving) -> tuple[list[tuple[list[int], list[int]]], np.ndarray]:
+    """``([(history, candidates)], targets)`` of every test user: the history as served (test item
+    left out), the serving retriever's top K, and the truth's position among them (-1: missed)."""
+    import polars as pl
+
+    from rcllm_sdk.data.split import TEST, histories
+
+    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
+    rows, targets = [], []
+    for user, history, _ in histories(inter, exclude=(TEST,)).iter_rows():
+        if user in truth:
+            candidates = serving.candidates(list(history), K)
+            rows.append((list(history), candidates))
+            targets.append(candidates.index(truth[user]) if truth[user] in candidates else -1)
+    return rows, np.array(targets)
+
+
 def _two_fold_with_position(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Ranks of the truth under a softmax ranker over the candidate's position and ``scores``
-    (``[N, K]``), its K + 1 weights fitted on the other half of the users (2-fold); -1 stays a miss."""
-    features = np.concatenate([np.broadcast_to(np.eye(K), (len(scores), K, K)), scores[:, :, None]], axis=2)
+    """Ranks of the truth under the item-lm recipe's readout (``tau * score + b[position]``, see
+    ``item_lm_ranker.fit_readout``) fitted on the other half of the users (2-fold); -1 stays a miss."""
+    from rcllm_sdk.pipelines.item_lm_ranker import fit_readout
+
+    scores = torch.tensor(scores, dtype=torch.float32)
     ranks = targets.copy()
     for fold in (0, 1):
         fit = (np.arange(len(scores)) % 2 != fold) & (targets >= 0)
-        w = _fit_softmax_weights(torch.tensor(features[fit], dtype=torch.float32), torch.tensor(targets[fit]), 500)
+        tau, bias = fit_readout(scores[fit], torch.tensor(targets[fit]))
         held_out = np.flatnonzero(np.arange(len(scores)) % 2 == fold)
-        ranks[held_out] = _ranks(torch.tensor(features[held_out] @ w), targets[held_out].tolist())
+        ranks[held_out] = _ranks(tau * scores[held_out] + torch.tensor(bias, dtype=torch.float32),
+                                 targets[held_out].tolist())
     return ranks
 
 
@@ -435,7 +452,7 @@ def content_lm_headroom(repo: Path, steps: int, worlds: int, layers: int = 2, hi
     import polars as pl
 
     from rcllm_sdk.data import synthetic as syn
-    from rcllm_sdk.data.split import TEST, TRAIN, histories
+    from rcllm_sdk.data.split import TRAIN, histories
     from rcllm_sdk.retrieval import Retriever
 
     inter = pl.read_parquet(repo / "data" / "interactions.parquet")
@@ -453,14 +470,10 @@ def content_lm_headroom(repo: Path, steps: int, worlds: int, layers: int = 2, hi
         corpus.append((sequences, _content_features(other_items, sequences)))
     torch.manual_seed(seed)
     model = _fit_content_lm(corpus, steps, ContentItemLM(layers, hidden, transitions), batch, seed)
-    serving = Retriever.load(repo / "data" / "retriever.npz")
-    truth = dict(inter.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
-    rows = [([row[i] for i in h], serving.candidates(list(h), K), truth[u])
-            for u, h, _ in histories(inter, exclude=(TEST,)).iter_rows() if u in truth]
-    targets = np.array([c.index(t) if t in c else -1 for _, c, t in rows])
+    rows, targets = _served_test_rows(inter, Retriever.load(repo / "data" / "retriever.npz"))
     with torch.no_grad():
-        scores = np.concatenate([model.candidate_scores([h for h, _, _ in rows[n:n + 256]],
-                                                        [[row[i] for i in c] for _, c, _ in rows[n:n + 256]],
+        scores = np.concatenate([model.candidate_scores([[row[i] for i in h] for h, _ in rows[n:n + 256]],
+                                                        [[row[i] for i in c] for _, c in rows[n:n + 256]],
                                                         target[1]).numpy()
                                  for n in range(0, len(rows), 256)])
     alone = np.array([_ranks(torch.tensor(s[None]), [t])[0] if t >= 0 else -1 for s, t in zip(scores, targets)])

@@ -13,7 +13,7 @@ from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.pipelines.examples import BlockEncoder, build_examples
 from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, _EarlyStopping, _ItemLoss, _validation_split,
-                                                 candidate_scores, compile_ranker, fit_readout, item_lm_template,
+                                                 candidate_scores, compile_ranker, item_lm_template,
                                                  score_basis, train_item_lm)
 from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus

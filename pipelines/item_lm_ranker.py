@@ -49,11 +49,11 @@ from .examples import BlockEncoder, build_examples
 from .train import lr_factor, take_step, tokenizer_corpus
 
 
-def item_lm_template(max_history: int = 20, item_text_words: int = 0) -> PromptTemplate:
+def item_lm_template(max_history: int = 20, item_text_words: int = 0, relation_markers: bool = False) -> PromptTemplate:
     """Compact prompts (one item token per line; candidates' blocks may add description words) whose
-    user block ends with the marker."""
+    user block ends with the marker; content item LMs also mark each line's relation to the one before."""
     return PromptTemplate(titles=False, categories=False, history_footer=f"{NEXT_MARKER}\n",
-                          max_history=max_history, item_text_words=item_text_words)
+                          max_history=max_history, item_text_words=item_text_words, relation_markers=relation_markers)
 
 
 ROPE_THETA = 1e6  # the compiled layers match content through the slowest rotary pair, nearly still at this base
@@ -84,6 +84,15 @@ class UserBlockWindows:
         return self._head + lines + [self.marker_id, self._lines[next_item][0]]
 
 
+def item_lm_config(tokenizer, size: str, tie: bool) -> LlamaConfig:
+    """The item LM's shape (``ITEM_LM_SHAPES[size]``) over ``tokenizer``'s vocabulary."""
+    hidden, layers, heads, intermediate = ITEM_LM_SHAPES[size]
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=4096, rope_theta=ROPE_THETA, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie)
+
+
 VALIDATION_SHARE = 20  # with early stopping, a seeded random 1/20 of the training sequences is held out
 MAX_VALIDATION_WINDOWS = 512
 
@@ -101,13 +110,7 @@ def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
     memorise beyond a few passes over the data (README, "Round 8"). Returns ``(model, losses, record)``.
     """
     torch.manual_seed(config.seed)
-    tok = windows.tokenizer
-    hidden, layers, heads, intermediate = ITEM_LM_SHAPES[config.size]
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=4096, rope_theta=ROPE_THETA, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+    model = LlamaForCausalLM(item_lm_config(windows.tokenizer, config.size, tie=True))
     usable = [s for s in sequences if len(s) >= 2]
     if not usable:
         raise ValueError("no training sequence has two or more items")
@@ -565,12 +568,16 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
     on the cross-fitted examples, compile, check the compiled model against the readout on held-out
     examples, and save (HF format, like any ranker). Returns the ranker and a summary."""
     started = time.perf_counter()
-    template = template or item_lm_template(item_text_words=config.item_text_words)
+    content = config.item_features == "content"
+    template = template or item_lm_template(item_text_words=config.item_text_words, relation_markers=content)
     tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
     windows = UserBlockWindows(catalog, template, tokenizer)
     _check_labels_unused(windows, tokenizer, template, config.candidates)
     sequences = [seq for group, _ in groups for seq in group]
-    base, losses, stopping = train_item_lm(sequences, windows, config, progress)
+    if content:
+        base, losses, stopping = _train_content_item_lm(sequences, catalog, windows, config, progress)
+    else:
+        base, losses, stopping = train_item_lm(sequences, windows, config, progress)
     examples, stats = build_examples(groups, config.candidates, max_examples=config.max_examples, seed=config.seed)
     examples = [e for e in examples if len(e.candidates) == config.candidates]  # the readout has K positions
     if len(examples) < 2:
@@ -602,6 +609,21 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
                                                                         "history_lm_weight", "shuffle_candidates")}}
     save_ranker(ranker, out_dir, training=summary)
     return ranker, summary
+
+
+def _train_content_item_lm(sequences: list[list[int]], catalog: dict[int, ItemInfo], windows: UserBlockWindows,
+                           config, progress: bool) -> tuple[LlamaForCausalLM, list[float], dict]:
+    """``--item-features content``: train on the target catalogue (and ``config.pretrain_worlds``
+    synthetic ones), then write the target's content embeddings into its item tokens' rows."""
+    from .content_item_lm import Catalogue, ContentWindows, synthetic_catalogues, train_content_item_lm
+
+    row = {item: n for n, item in enumerate(catalog)}  # the order of windows.item_token_ids
+    target = Catalogue.from_sequences(list(catalog.values()), [[row[i] for i in s] for s in sequences])
+    pretrain = synthetic_catalogues(config.pretrain_worlds)
+    model, losses, record = train_content_item_lm(target, pretrain, ContentWindows(windows.template, windows.tokenizer),
+                                                  config, item_lm_config(windows.tokenizer, config.size, tie=False),
+                                                  progress)
+    return model.materialize(target, windows.item_token_ids).eval(), losses, record
 
 
 def _check_labels_unused(windows: UserBlockWindows, tokenizer, template: PromptTemplate, k: int) -> None:

@@ -58,6 +58,11 @@ class TrainConfig:
     item_lm_window: int = 40  # item-lm: history items per training window
     item_lm_rank: int = 0  # item-lm: dimensions of the next-item score carried into the lookup (0: all)
     item_lm_patience: int = 3  # item-lm: early-stopping checks without improvement (0: off; see train_item_lm)
+    # item-lm: "id" learns one embedding per item token; "content" computes them from what the prompt
+    # shows (categories, series and part read off titles, popularity) and marks each history line's
+    # relation to the previous one (pipelines/content_item_lm.py; README, "Round 10").
+    item_features: str = "id"
+    pretrain_worlds: int = 0  # item-lm with content features: also train on this many synthetic worlds
 
     def __post_init__(self):
         if self.size not in PRESETS:
@@ -69,6 +74,8 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.recipe == "item-lm":
             self._check_item_lm()
+        elif self.item_features != "id" or self.pretrain_worlds:
+            raise ValueError("item_features and pretrain_worlds are options of the item-lm recipe")
         if self.steps < 1 or self.batch_size < 1 or self.max_examples < 1 or self.candidates < 2:
             raise ValueError("steps, batch_size and max_examples must be >= 1 and candidates >= 2")
         if not 0.0 < self.block_aware_fraction <= 1.0:
@@ -88,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"item_lm_rank must be between 0 (all dimensions) and the item LM's hidden size {hidden}")
         if self.item_lm_window < 1 or self.item_lm_patience < 0:
             raise ValueError("item_lm_window must be >= 1 and item_lm_patience >= 0")
+        if self.item_features not in ("id", "content"):
+            raise ValueError(f"item_features must be id or content, got {self.item_features!r}")
+        if self.pretrain_worlds < 0 or (self.pretrain_worlds and self.item_features != "content"):
+            raise ValueError("pretrain_worlds needs item_features='content' (id embeddings do not transfer) and must be >= 0")
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:

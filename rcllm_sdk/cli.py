@@ -163,7 +163,8 @@ def _train_config(args):
                            block_aware=args.block_aware, block_aware_fraction=args.block_aware_fraction,
                            item_text_words=args.item_text_words, history_lm_weight=args.history_lm_weight,
                            max_examples=args.max_examples, recipe=args.recipe, item_lm_window=args.item_lm_window,
-                           item_lm_rank=args.item_lm_rank, item_lm_patience=args.item_lm_patience)
+                           item_lm_rank=args.item_lm_rank, item_lm_patience=args.item_lm_patience,
+                           item_features=args.item_features, pretrain_worlds=args.pretrain_worlds)
     except ValueError as exc:  # TrainConfig's own validation: a usage error, not a crash
         raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
@@ -191,6 +192,13 @@ def _train_args(p, steps: int, size: str = "small", batch_size: int | None = Non
                         "weights (0: train every step)")
     p.add_argument("--item-lm-rank", type=int, default=0,
                    help="item-lm: dimensions of the next-item score carried into the label lookup (0: all)")
+    p.add_argument("--item-features", choices=["id", "content"], default="id",
+                   help="item-lm: id = one learned embedding per item; content = embeddings computed from "
+                        "categories, series/part in titles and popularity, history lines marked with their "
+                        "relation to the previous one (README, Round 10)")
+    p.add_argument("--pretrain-worlds", type=int, default=0,
+                   help="item-lm with --item-features content: also train on this many worlds of the synthetic "
+                        "generator (seeds 1000, 1001, ...)")
     p.add_argument("--max-examples", type=int, default=20_000,
                    help="training examples drawn (user, position) at random; fewer than steps x batch size "
                         "are seen repeatedly, and small models then memorise them (README, Round 7)")

@@ -6,7 +6,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..prompt.template import NEXT_MARKER, PromptTemplate, item_token
+from ..prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTemplate, item_token
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -14,7 +14,7 @@ SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_
 def train_tokenizer(texts: Iterable[str], item_ids: Iterable[int], template: PromptTemplate,
                     vocab_size: int = 4000) -> PreTrainedTokenizerFast:
     """Train BPE on ``texts`` plus the template, then add one token per item (and ``NEXT_MARKER``
-    when the template's history footer uses it).
+    when the template's history footer uses it, ``RELATION_MARKERS`` when it writes them).
 
     Example:
         >>> tok = train_tokenizer(items["title"], items["item_id"], PromptTemplate())
@@ -30,6 +30,8 @@ def train_tokenizer(texts: Iterable[str], item_ids: Iterable[int], template: Pro
     tokenizer.add_tokens([item_token(int(i)) for i in item_ids], special_tokens=True)
     if NEXT_MARKER in template.history_footer:
         tokenizer.add_tokens([NEXT_MARKER], special_tokens=True)
+    if template.relation_markers:
+        tokenizer.add_tokens(list(RELATION_MARKERS), special_tokens=True)
     return tokenizer
 
 

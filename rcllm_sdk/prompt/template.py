@@ -6,12 +6,47 @@ blocks' token ids concatenate to the tokenisation of the whole prompt (tested).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
 NEXT_MARKER = "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm_ranker.py)
+# Relation markers (``PromptTemplate.relation_markers``): special tokens opening a history line,
+# saying how its item follows the line before it, read off the titles and categories the prompt shows.
+SEQUEL_MARKER = "<sequel>"  # the next part of the previous item's series ("Name Part 2" after "Name Part 1")
+SAME_CATEGORY_MARKER = "<same>"  # otherwise: the same category as the previous item
+RELATION_MARKERS = (SEQUEL_MARKER, SAME_CATEGORY_MARKER)
+
+_YEAR = re.compile(r"\s*\(\d{4}\)$")
+_PART = re.compile(r"^(?P<name>.*?\S):?\s+(?:Part\s+(?P<number>\d{1,2})|(?P<digit>[2-9])|(?P<roman>II|III|IV|V|VI|VII|VIII|IX|X))$")
+_ROMAN = {"II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
+
+
+def series_part(title: str) -> tuple[str, int]:
+    """``(series name, part number)`` read off a title: "Name Part 3", "Name 3" and "Name III" are
+    part 3 of "Name" (a trailing "(1995)" is ignored; bare numbers 2-9 only, so "Apollo 13" is a
+    title); any other title is part 1 of itself.
+
+    Example:
+        >>> series_part("Toy Story 2 (1999)"), series_part("Heat (1995)")
+        (('Toy Story', 2), ('Heat', 1))
+    """
+    title = _YEAR.sub("", title.strip())
+    match = _PART.match(title)
+    if not match:
+        return title, 1
+    number = match["number"] or match["digit"]
+    return match["name"], int(number) if number else _ROMAN[match["roman"]]
+
+
+def relation(previous_title: str, previous_category: str, title: str, category: str) -> str:
+    """The relation marker of an item that follows another in a history ("" when none applies)."""
+    (series, part), (previous_series, previous_part) = series_part(title), series_part(previous_title)
+    if series == previous_series and part == previous_part + 1:
+        return SEQUEL_MARKER
+    return SAME_CATEGORY_MARKER if category == previous_category else ""
 
 
 def item_token(item_id: int) -> str:
@@ -35,6 +70,8 @@ class PromptTemplate:
         categories: write the item category (off with ``titles`` off: the item token alone).
         history_footer: last line of the user block ("" = none); item-LM rankers end it with
             ``NEXT_MARKER``, the token whose state predicts the next item.
+        relation_markers: start each history line but the block's first with its relation to the line
+            before (``SEQUEL_MARKER``, ``SAME_CATEGORY_MARKER`` or nothing; see :func:`relation`).
     """
 
     system: str = "You rank candidate items for a user from the items the user consumed.\n"
@@ -47,6 +84,7 @@ class PromptTemplate:
     titles: bool = True
     categories: bool = True
     history_footer: str = ""
+    relation_markers: bool = False
 
     def __post_init__(self):
         if not self.system.endswith("\n") or not self.history_header.endswith("\n"):
@@ -74,8 +112,11 @@ class PromptTemplate:
     def user_text(self, history) -> str:
         """The user block: header and the most recent ``max_history`` items (``ItemInfo``-like)."""
         recent = history[-self.max_history:]
-        lines = "".join(self.item_line(i.item_id, i.title, i.category) for i in recent)
-        return self.history_header + lines + self.history_footer
+        lines = [self.item_line(i.item_id, i.title, i.category) for i in recent]
+        if self.relation_markers:
+            lines[1:] = [relation(a.title, a.category, b.title, b.category) + line
+                         for line, a, b in zip(lines[1:], recent, recent[1:])]
+        return self.history_header + "".join(lines) + self.history_footer
 
     def label_line(self, label: str) -> str:
         return f"{label}\n"

@@ -1,0 +1,275 @@
+"""Item LMs whose item embeddings are computed from content (``--item-features content``).
+
+The id item LM (:mod:`item_lm_ranker`) learns one embedding per item token; on a catalogue with
+few transitions per item it memorises before it generalises (README, "Round 9"). Here an item's
+input and output embeddings are functions of what the prompt shows about it (:class:`ContentFeatures`:
+its categories, its series name and part number read off the title, and how often it was consumed),
+so what the model learns transfers between items, and between catalogues: training may add
+sequences of *other* catalogues whose items have no token at all (``pretrain``). History lines carry
+relation markers (``PromptTemplate.relation_markers``).
+
+After training, the target catalogue's content embeddings are written into the item tokens' rows
+of a plain, untied ``LlamaForCausalLM``, which the rest of the item-lm recipe (readout, compiled
+lookup) uses unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rcllm_sdk.model.scoring import pad_batch
+from rcllm_sdk.prompt import ItemInfo
+from rcllm_sdk.prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTemplate, relation, series_part
+
+SERIES_CODE_DIM = 256  # a fixed random code per series name: equal names match, others are near orthogonal
+MAX_PART = 8  # part numbers above share one embedding
+CATEGORY_BUCKETS = 4096  # category names are hashed: catalogues share embeddings for equal names
+POPULARITY_BUCKETS = 10
+
+
+@dataclass(slots=True)
+class ContentFeatures:
+    """Per item (one row each): hashed category names (``CATEGORY_BUCKETS`` pads), part number,
+    series code, popularity bucket (tenths of log1p(count) over its maximum) and log1p(count)."""
+
+    categories: torch.Tensor  # [N, G] long
+    part: torch.Tensor  # [N] long
+    series: torch.Tensor  # [N, SERIES_CODE_DIM] float
+    popularity: torch.Tensor  # [N] long
+    log_count: torch.Tensor  # [N, 1] float
+
+
+def content_features(items: list[ItemInfo], counts: np.ndarray) -> ContentFeatures:
+    """Features of ``items`` (``counts``: how often each was consumed in the training sequences).
+    Categories are split on "|" (MovieLens genres)."""
+    names = [[c.strip() for c in item.category.split("|") if c.strip()] or [""] for item in items]
+    width = max(map(len, names))
+    categories = torch.full((len(items), width), CATEGORY_BUCKETS, dtype=torch.long)
+    for row, cats in enumerate(names):
+        categories[row, :len(cats)] = torch.tensor([zlib.crc32(c.encode()) % CATEGORY_BUCKETS for c in cats])
+    series, part = zip(*(series_part(item.title) for item in items))
+    log_count = np.log1p(np.asarray(counts, dtype=np.float64))
+    bucket = np.minimum((POPULARITY_BUCKETS * log_count / max(log_count.max(), 1e-9)).astype(int), POPULARITY_BUCKETS - 1)
+    return ContentFeatures(categories, torch.tensor(part).clamp(max=MAX_PART), torch.stack([_series_code(s) for s in series]),
+                           torch.tensor(bucket), torch.tensor(log_count, dtype=torch.float32)[:, None])
+
+
+@functools.lru_cache(maxsize=65536)
+def _series_code(name: str) -> torch.Tensor:
+    code = np.random.default_rng(zlib.crc32(name.encode())).standard_normal(SERIES_CODE_DIM) / SERIES_CODE_DIM ** 0.5
+    return torch.tensor(code, dtype=torch.float32)
+
+
+class ContentEmbeddings(torch.nn.Module):
+    """Input and output embeddings of items from their :class:`ContentFeatures`: each a sum of a mean
+    category embedding, part and popularity embeddings, a linear map of the series code and a learned
+    multiple of log1p(count). No parameter belongs to one item."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.sides = torch.nn.ModuleList(torch.nn.ModuleDict({
+            "category": torch.nn.Embedding(CATEGORY_BUCKETS + 1, hidden, padding_idx=CATEGORY_BUCKETS),
+            "part": torch.nn.Embedding(MAX_PART + 1, hidden), "popularity": torch.nn.Embedding(POPULARITY_BUCKETS, hidden),
+            "series": torch.nn.Linear(SERIES_CODE_DIM, hidden, bias=False),
+            "log_count": torch.nn.Linear(1, hidden, bias=False)}) for _ in range(2))
+        for side in self.sides:
+            for name in ("category", "part", "popularity"):
+                torch.nn.init.normal_(side[name].weight, std=0.1)
+            torch.nn.init.normal_(side["log_count"].weight, std=0.02)  # log counts reach ~8: start small
+            with torch.no_grad():
+                side["category"].weight[CATEGORY_BUCKETS] = 0
+
+    def forward(self, f: ContentFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, outputs)``, ``[N, hidden]`` each."""
+        valid = (f.categories < CATEGORY_BUCKETS).sum(1, keepdim=True).clamp(min=1)
+        return tuple(side["category"](f.categories).sum(1) / valid + side["part"](f.part) + side["popularity"](f.popularity)
+                     + side["series"](f.series) + side["log_count"](f.log_count) for side in self.sides)
+
+
+@dataclass(slots=True)
+class Catalogue:
+    """One catalogue's training data: item rows (``ItemInfo``), sequences of row indices, features."""
+
+    items: list[ItemInfo]
+    sequences: list[list[int]]
+    features: ContentFeatures
+
+    @classmethod
+    def from_sequences(cls, items: list[ItemInfo], sequences: list[list[int]]) -> Catalogue:
+        counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)]),
+                             minlength=len(items))
+        return cls(items, sequences, content_features(items, counts))
+
+
+class ContentWindows:
+    """Token ids of user-block windows in which an item is ``-(row + 1)`` (its embedding comes from
+    content): system block, header, one line per item (relation marker but on the first line, item,
+    newline), the next-item marker and the next item. For the catalogue the tokenizer has item tokens for, replacing each
+    ``-(row + 1)`` by the row's item token gives exactly the rendered user block (tested)."""
+
+    def __init__(self, template: PromptTemplate, tokenizer):
+        if not (template.relation_markers and not template.titles and not template.categories):
+            raise ValueError("content item LMs need the compact item-lm template with relation markers")
+        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.template, self.tokenizer = template, tokenizer
+        self._head = ids(template.system) + ids(template.history_header)
+        self._newline = ids("\n")
+        self._marker = {name: tokenizer.convert_tokens_to_ids(name) for name in RELATION_MARKERS}
+        self.marker_id = tokenizer.convert_tokens_to_ids(NEXT_MARKER)
+
+    def encode(self, catalogue: Catalogue, rows: list[int], next_row: int) -> list[int]:
+        tokens, items = list(self._head), catalogue.items
+        for n, row in enumerate(rows):
+            if n:
+                a, b = items[rows[n - 1]], items[row]
+                marker = relation(a.title, a.category, b.title, b.category)
+                tokens += [self._marker[marker]] if marker else []
+            tokens += [-(row + 1)] + self._newline
+        return tokens + [self.marker_id, -(next_row + 1)]
+
+    @property
+    def relation_ids(self) -> torch.Tensor:
+        return torch.tensor(list(self._marker.values()))
+
+
+class ContentItemLM(torch.nn.Module):
+    """An untied Llama whose item rows come from :class:`ContentEmbeddings`."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.llama = LlamaForCausalLM(config)
+        self.content = ContentEmbeddings(config.hidden_size)
+
+    def loss(self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every next item in ``windows`` over the catalogue's items not yet in the window."""
+        return torch.nn.functional.cross_entropy(*self.next_item_logits(catalogue, windows, pad_id, relation_ids))
+
+    def next_item_logits(self, catalogue: Catalogue, windows: list[list[int]], pad_id: int,
+                         relation_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [T, items], targets [T])`` of every item in ``windows`` (in window order), predicted
+        at the token before its line: its own relation marker says how it follows, so it is not seen.
+        Items already in the window are masked."""
+        inputs, outputs = self.content(catalogue.features)
+        ids, mask, _ = pad_batch(windows, pad_id)
+        is_item = ids < 0
+        rows = (-ids - 1).clamp(min=0)
+        text = self.llama.model.embed_tokens(ids.clamp(min=0))
+        embeds = torch.where(is_item[..., None], inputs[rows], text)
+        hidden = self.llama.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        b, t = torch.nonzero(is_item[:, 1:] & (mask[:, 1:] > 0), as_tuple=True)  # item at t + 1
+        targets = rows[b, t + 1]
+        before = t - torch.isin(ids[b, t], relation_ids).long()  # skip the item's own marker
+        logits = (hidden[b, before] @ outputs.T).masked_fill(_earlier_items(b, targets, logits_width=len(outputs)), -1e4)
+        return logits, targets
+
+    @torch.no_grad()
+    def materialize(self, catalogue: Catalogue, item_token_ids: torch.Tensor) -> LlamaForCausalLM:
+        """The Llama with ``catalogue``'s content embeddings in the item tokens' rows (row n of the
+        catalogue -> ``item_token_ids[n]``)."""
+        inputs, outputs = self.content(catalogue.features)
+        self.llama.model.embed_tokens.weight[item_token_ids] = inputs
+        self.llama.lm_head.weight[item_token_ids] = outputs
+        return self.llama
+
+
+def synthetic_catalogues(count: int, first_seed: int = 1000) -> list[Catalogue]:
+    """``count`` worlds of the package's synthetic generator (default sizes, seeds ``first_seed``,
+    ``first_seed + 1``, ...): other items, titles and users, the same mechanism. Every user's whole
+    sequence is training data (none of it is evaluated)."""
+    import polars as pl
+
+    from rcllm_sdk.data.synthetic import SyntheticConfig, generate
+
+    catalogues = []
+    for seed in tqdm(range(first_seed, first_seed + count), desc="generate pretraining worlds", disable=count < 2):
+        interactions, items = generate(SyntheticConfig(seed=seed))
+        row = {int(i): n for n, i in enumerate(items["item_id"])}
+        infos = [ItemInfo(*r) for r in items.select("item_id", "title", "category", "text").iter_rows()]
+        sequences = interactions.sort("user_id", "timestamp").group_by("user_id", maintain_order=True).agg("item_id")
+        catalogues.append(Catalogue.from_sequences(infos, [[row[i] for i in s] for s in sequences["item_id"]]))
+    return catalogues
+
+
+def _earlier_items(window: torch.Tensor, targets: torch.Tensor, logits_width: int) -> torch.Tensor:
+    """``[len(targets), logits_width]``: True at the items that came before each target in its window
+    (``window[n]``: the window of target n; targets grouped by window in order, as ``torch.nonzero``
+    lists them)."""
+    seen = torch.zeros(len(targets), logits_width, dtype=torch.bool)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(window).cumsum(0)])
+    for start, end in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        later, earlier = torch.tril_indices(end - start, end - start, -1)
+        seen[start + later, targets[start + earlier]] = True
+    return seen
+
+
+def train_content_item_lm(target: Catalogue, pretrain: list[Catalogue], windows: ContentWindows, config,
+                          model_config: LlamaConfig, progress: bool = True):
+    """Train a :class:`ContentItemLM` on ``config.steps`` batches, each of ``config.batch_size`` windows
+    of one catalogue drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
+    on held-out target sequences. Returns ``(ContentItemLM, losses, record)``."""
+    from .item_lm_ranker import VALIDATION_SHARE, _EarlyStopping
+    from .train import lr_factor, take_step
+
+    torch.manual_seed(config.seed)
+    model = ContentItemLM(model_config)
+    pad_id = model_config.pad_token_id
+    train, validation = _held_out(target, windows, config)
+    catalogues = [train, *pretrain]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    rng = np.random.default_rng(config.seed)
+    losses, stopper = [], _EarlyStopping(config.item_lm_patience, max(25, config.steps // VALIDATION_SHARE))
+    model.train()
+    bar = tqdm(range(config.steps), desc="train content item LM", disable=not progress, unit="step")
+    for step in bar:
+        catalogue = catalogues[int(rng.integers(len(catalogues)))]
+        batch = _sample(catalogue, windows, config, rng)
+        take_step(model, optimizer, schedule, model.loss(catalogue, batch, pad_id, windows.relation_ids), losses, bar)
+        if validation and stopper.due(step + 1, config.steps):
+            if stopper.record(model, _validation_loss(model, train, validation, pad_id, windows.relation_ids), step + 1):
+                break
+    bar.close()
+    if progress and validation:
+        print(f"content item LM: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
+    return stopper.restore(model).eval(), losses, stopper.summary(step + 1)
+
+
+def _sample(catalogue: Catalogue, windows: ContentWindows, config, rng) -> list[list[int]]:
+    batch = []
+    for n in rng.integers(0, len(catalogue.sequences), config.batch_size):
+        seq = catalogue.sequences[n]
+        length = min(config.item_lm_window, len(seq) - 1)
+        start = int(rng.integers(0, len(seq) - length))
+        batch.append(windows.encode(catalogue, seq[start:start + length], seq[start + length]))
+    return batch
+
+
+def _held_out(target: Catalogue, windows: ContentWindows, config) -> tuple[Catalogue, list[list[int]]]:
+    """``(target without the held-out sequences, their last windows)``, as the id item LM holds out."""
+    from .item_lm_ranker import MAX_VALIDATION_WINDOWS, VALIDATION_SHARE
+
+    usable = [s for s in target.sequences if len(s) >= 2]
+    if not usable:
+        raise ValueError("no training sequence has two or more items")
+    if config.item_lm_patience <= 0 or len(usable) < VALIDATION_SHARE:
+        return Catalogue(target.items, usable, target.features), []
+    held = set(np.random.default_rng(config.seed).permutation(len(usable))[: len(usable) // VALIDATION_SHARE].tolist())
+    last = [windows.encode(target, s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
+    kept = [s for n, s in enumerate(usable) if n not in held]
+    return Catalogue(target.items, kept, target.features), last[:MAX_VALIDATION_WINDOWS]
+
+
+@torch.no_grad()
+def _validation_loss(model: ContentItemLM, target: Catalogue, validation: list[list[int]], pad_id: int,
+                     relation_ids: torch.Tensor, batch: int = 128) -> float:
+    model.eval()
+    total = sum(float(model.loss(target, validation[n:n + batch], pad_id, relation_ids)) * len(validation[n:n + batch])
+                for n in range(0, len(validation), batch))
+    model.train()
+    return total / len(validation)

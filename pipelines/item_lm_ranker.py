@@ -570,6 +570,8 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
     started = time.perf_counter()
     content = config.item_features == "content"
     template = template or item_lm_template(item_text_words=config.item_text_words, relation_markers=content)
+    if template.relation_markers != content:  # the id item LM's windows carry no markers; the content one needs them
+        raise ValueError("relation markers in the template go with item_features='content', and only with it")
     tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
     windows = UserBlockWindows(catalog, template, tokenizer)
     _check_labels_unused(windows, tokenizer, template, config.candidates)

@@ -151,6 +151,15 @@ def test_content_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
         assert full.recommend(user, k=5).item_ids == cached.recommend(user, k=5).item_ids
 
 
+def test_relation_markers_and_content_features_go_together(ingested_repo, tmp_path):
+    from rcllm_sdk.pipelines.item_lm_ranker import train_item_lm_ranker
+
+    config = TrainConfig(recipe="item-lm", size="micro", steps=1, batch_size=2, vocab_size=600)
+    with pytest.raises(ValueError, match="relation markers"):
+        train_item_lm_ranker([], catalog_from_repo(ingested_repo), tmp_path, config,
+                             template=item_lm_template(relation_markers=True), progress=False)
+
+
 @pytest.mark.parametrize("option", [dict(item_features="content"), dict(recipe="item-lm", pretrain_worlds=2),
                                     dict(recipe="item-lm", item_features="words"),
                                     dict(recipe="item-lm", item_features="content", pretrain_worlds=-1)])

@@ -121,6 +121,7 @@ class ContentWindows:
         self._head = ids(template.system) + ids(template.history_header)
         self._newline = ids("\n")
         self._marker = {name: tokenizer.convert_tokens_to_ids(name) for name in RELATION_MARKERS}
+        self.relation_ids = torch.tensor(list(self._marker.values()))
         self.marker_id = tokenizer.convert_tokens_to_ids(NEXT_MARKER)
 
     def encode(self, catalogue: Catalogue, rows: list[int], next_row: int) -> list[int]:
@@ -132,10 +133,6 @@ class ContentWindows:
                 tokens += [self._marker[marker]] if marker else []
             tokens += [-(row + 1)] + self._newline
         return tokens + [self.marker_id, -(next_row + 1)]
-
-    @property
-    def relation_ids(self) -> torch.Tensor:
-        return torch.tensor(list(self._marker.values()))
 
 
 class ContentItemLM(torch.nn.Module):
@@ -213,63 +210,20 @@ def train_content_item_lm(target: Catalogue, pretrain: list[Catalogue], windows:
     """Train a :class:`ContentItemLM` on ``config.steps`` batches, each of ``config.batch_size`` windows
     of one catalogue drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
     on held-out target sequences. Returns ``(ContentItemLM, losses, record)``."""
-    from .item_lm_ranker import VALIDATION_SHARE, _EarlyStopping
-    from .train import lr_factor, take_step
+    from .item_lm_ranker import fit_item_lm, mean_loss, sample_windows, validation_split
 
     torch.manual_seed(config.seed)
     model = ContentItemLM(model_config)
-    pad_id = model_config.pad_token_id
-    train, validation = _held_out(target, windows, config)
-    catalogues = [train, *pretrain]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    pad_id, relation_ids = model_config.pad_token_id, windows.relation_ids
+    kept, validation = validation_split(target.sequences, functools.partial(windows.encode, target), config)
+    catalogues = [Catalogue(target.items, kept, target.features), *pretrain]
     rng = np.random.default_rng(config.seed)
-    losses, stopper = [], _EarlyStopping(config.item_lm_patience, max(25, config.steps // VALIDATION_SHARE))
-    model.train()
-    bar = tqdm(range(config.steps), desc="train content item LM", disable=not progress, unit="step")
-    for step in bar:
+
+    def next_loss() -> torch.Tensor:
         catalogue = catalogues[int(rng.integers(len(catalogues)))]
-        batch = _sample(catalogue, windows, config, rng)
-        take_step(model, optimizer, schedule, model.loss(catalogue, batch, pad_id, windows.relation_ids), losses, bar)
-        if validation and stopper.due(step + 1, config.steps):
-            if stopper.record(model, _validation_loss(model, train, validation, pad_id, windows.relation_ids), step + 1):
-                break
-    bar.close()
-    if progress and validation:
-        print(f"content item LM: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
-    return stopper.restore(model).eval(), losses, stopper.summary(step + 1)
+        batch = sample_windows(catalogue.sequences, functools.partial(windows.encode, catalogue), config, rng)
+        return model.loss(catalogue, batch, pad_id, relation_ids)
 
-
-def _sample(catalogue: Catalogue, windows: ContentWindows, config, rng) -> list[list[int]]:
-    batch = []
-    for n in rng.integers(0, len(catalogue.sequences), config.batch_size):
-        seq = catalogue.sequences[n]
-        length = min(config.item_lm_window, len(seq) - 1)
-        start = int(rng.integers(0, len(seq) - length))
-        batch.append(windows.encode(catalogue, seq[start:start + length], seq[start + length]))
-    return batch
-
-
-def _held_out(target: Catalogue, windows: ContentWindows, config) -> tuple[Catalogue, list[list[int]]]:
-    """``(target without the held-out sequences, their last windows)``, as the id item LM holds out."""
-    from .item_lm_ranker import MAX_VALIDATION_WINDOWS, VALIDATION_SHARE
-
-    usable = [s for s in target.sequences if len(s) >= 2]
-    if not usable:
-        raise ValueError("no training sequence has two or more items")
-    if config.item_lm_patience <= 0 or len(usable) < VALIDATION_SHARE:
-        return Catalogue(target.items, usable, target.features), []
-    held = set(np.random.default_rng(config.seed).permutation(len(usable))[: len(usable) // VALIDATION_SHARE].tolist())
-    last = [windows.encode(target, s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
-    kept = [s for n, s in enumerate(usable) if n not in held]
-    return Catalogue(target.items, kept, target.features), last[:MAX_VALIDATION_WINDOWS]
-
-
-@torch.no_grad()
-def _validation_loss(model: ContentItemLM, target: Catalogue, validation: list[list[int]], pad_id: int,
-                     relation_ids: torch.Tensor, batch: int = 128) -> float:
-    model.eval()
-    total = sum(float(model.loss(target, validation[n:n + batch], pad_id, relation_ids)) * len(validation[n:n + batch])
-                for n in range(0, len(validation), batch))
-    model.train()
-    return total / len(validation)
+    validation_loss = lambda: mean_loss(model, lambda part: model.loss(target, part, pad_id, relation_ids),  # noqa: E731
+                                        validation)
+    return fit_item_lm(model, next_loss, validation_loss if validation else None, config, "content item LM", progress)

@@ -111,42 +111,70 @@ def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
     """
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(item_lm_config(windows.tokenizer, config.size, tie=True))
-    usable = [s for s in sequences if len(s) >= 2]
-    if not usable:
-        raise ValueError("no training sequence has two or more items")
-    train, validation = _validation_split(usable, windows, config)
+    train, validation = validation_split(sequences, windows.encode, config)
     loss_of = _ItemLoss(windows)
+    rng = np.random.default_rng(config.seed)
+    return fit_item_lm(model, lambda: loss_of(model, sample_windows(train, windows.encode, config, rng)),
+                       (lambda: loss_of.evaluate(model, validation)) if validation else None,
+                       config, "item LM", progress)
+
+
+def fit_item_lm(model, next_loss, validation_loss, config, name: str,
+                progress: bool) -> tuple[torch.nn.Module, list[float], dict]:
+    """``config.steps`` optimiser steps on ``next_loss()`` (AdamW, warm-up and cosine schedule).
+    With ``validation_loss`` (None: no validation), early stopping: checked every ``steps // 20``
+    steps (at least 25), stop after ``config.item_lm_patience`` checks without a lower loss and
+    return the best weights. Returns ``(model, losses, record)``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    rng = np.random.default_rng(config.seed)
     losses, stopper = [], _EarlyStopping(config.item_lm_patience, max(25, config.steps // 20))
     model.train()
-    bar = tqdm(range(config.steps), desc="train item LM", disable=not progress, unit="step")
+    bar = tqdm(range(config.steps), desc=f"train {name}", disable=not progress, unit="step")
     for step in bar:
-        batch = []
-        for n in rng.integers(0, len(train), config.batch_size):
-            seq = train[n]
-            length = min(config.item_lm_window, len(seq) - 1)
-            start = int(rng.integers(0, len(seq) - length))
-            batch.append(windows.encode(seq[start:start + length], seq[start + length]))
-        take_step(model, optimizer, schedule, loss_of(model, batch), losses, bar)
-        if validation and stopper.due(step + 1, config.steps):
-            if stopper.record(model, loss_of.evaluate(model, validation), step + 1):
+        take_step(model, optimizer, schedule, next_loss(), losses, bar)
+        if validation_loss and stopper.due(step + 1, config.steps):
+            if stopper.record(model, validation_loss(), step + 1):
                 break
     bar.close()
-    if progress and validation:
-        print(f"item LM: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
+    if progress and validation_loss:
+        print(f"{name}: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
     return stopper.restore(model).eval(), losses, stopper.summary(step + 1)
 
 
-def _validation_split(usable: list[list[int]], windows: UserBlockWindows, config) -> tuple[list, list]:
-    """``(training sequences, validation windows)``; no validation without early stopping or with
-    fewer than ``VALIDATION_SHARE`` sequences."""
+def sample_windows(sequences: list[list], encode, config, rng) -> list[list[int]]:
+    """``config.batch_size`` random windows of at most ``config.item_lm_window`` consecutive items and
+    the item after them, as ``encode(items, next_item)`` writes them."""
+    batch = []
+    for n in rng.integers(0, len(sequences), config.batch_size):
+        seq = sequences[n]
+        length = min(config.item_lm_window, len(seq) - 1)
+        start = int(rng.integers(0, len(seq) - length))
+        batch.append(encode(seq[start:start + length], seq[start + length]))
+    return batch
+
+
+def validation_split(sequences: list[list], encode, config) -> tuple[list, list]:
+    """``(training sequences, validation windows)`` over the sequences of two or more items: a seeded
+    random ``1 / VALIDATION_SHARE`` of them held out, their last windows written by ``encode(items,
+    next_item)``. No validation without early stopping or with fewer than ``VALIDATION_SHARE`` sequences."""
+    usable = [s for s in sequences if len(s) >= 2]
+    if not usable:
+        raise ValueError("no training sequence has two or more items")
     if config.item_lm_patience <= 0 or len(usable) < VALIDATION_SHARE:
         return usable, []
     held = set(np.random.default_rng(config.seed).permutation(len(usable))[: len(usable) // VALIDATION_SHARE].tolist())
-    last_windows = [windows.encode(s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
+    last_windows = [encode(s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
     return [s for n, s in enumerate(usable) if n not in held], last_windows[:MAX_VALIDATION_WINDOWS]
+
+
+@torch.no_grad()
+def mean_loss(model, loss_of_batch, windows: list[list[int]], batch: int = 128) -> float:
+    """Window-weighted mean of ``loss_of_batch`` over ``windows``, in eval mode."""
+    model.eval()
+    total = sum(float(loss_of_batch(windows[n:n + batch])) * len(windows[n:n + batch])
+                for n in range(0, len(windows), batch))
+    model.train()
+    return total / len(windows)
 
 
 class _ItemLoss:
@@ -168,13 +196,8 @@ class _ItemLoss:
         logits = hidden[rows, cols] @ model.lm_head.weight[self.item_ids].T  # item tokens only
         return torch.nn.functional.cross_entropy(logits, self.column[targets[rows, cols]])
 
-    @torch.no_grad()
     def evaluate(self, model, windows: list[list[int]], batch: int = 128) -> float:
-        model.eval()
-        total = sum(float(self(model, windows[n:n + batch])) * len(windows[n:n + batch])
-                    for n in range(0, len(windows), batch))
-        model.train()
-        return total / len(windows)
+        return mean_loss(model, lambda part: self(model, part), windows, batch)
 
 
 class _EarlyStopping:

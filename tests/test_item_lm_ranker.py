@@ -12,7 +12,7 @@ from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.pipelines.examples import BlockEncoder, build_examples
-from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, _EarlyStopping, _ItemLoss, _validation_split,
+from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, _EarlyStopping, _ItemLoss, validation_split,
                                                  candidate_scores, compile_ranker, item_lm_template,
                                                  score_basis, train_item_lm)
 from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
@@ -184,7 +184,7 @@ def test_item_lm_returns_the_weights_of_its_best_validation_check(compiled, inge
                          item_lm_patience=2)
     sequences = [s for g, _ in groups for s in g]
     model, _, record = train_item_lm(sequences, compiled["windows"], config, progress=False)
-    _, validation = _validation_split([s for s in sequences if len(s) >= 2], compiled["windows"], config)
+    _, validation = validation_split(sequences, compiled["windows"].encode, config)
     assert validation and record["item_lm_validation_history"]
     assert min(loss for _, loss in record["item_lm_validation_history"]) == record["item_lm_validation_loss"]
     assert _ItemLoss(compiled["windows"]).evaluate(model, validation) == pytest.approx(record["item_lm_validation_loss"],

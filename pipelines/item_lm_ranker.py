@@ -44,7 +44,7 @@ from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.prompt.template import NEXT_MARKER
 from rcllm_sdk.retrieval import Retriever
 
-from .attention_init import positional_weights
+from .positional import positional_weights
 from .examples import BlockEncoder, build_examples
 from .train import lr_factor, take_step, tokenizer_corpus
 
@@ -507,7 +507,7 @@ def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, p
     the system block's first token (CONST query, SINK key, slowest rotary pair, score ``SINK``) — it
     is there in every prompt and in every cached block's canonical context; item
     tokens also query label tokens by position (ITEM_FLAG query, LABEL_FLAG key, the other rotary
-    pairs fitted as in ``attention_init.label_head_init``): ``SINK + BIND_MARGIN`` two tokens back,
+    pairs fitted by ``positional.positional_weights``): ``SINK + BIND_MARGIN`` two tokens back,
     ``-BIND_MARGIN`` elsewhere. A positional score alone cannot tell two tokens back from three
     (rotary frequencies are at most one radian per token), so tokens that are not items must not
     query by position at all. The head copies the one-hot label into LABEL at a magnitude ``SPAN``

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 
 from .errors import ConfigError, RcLLMError
-from .evaluation.bench_config import DEFAULT_POLICY
+from .runtime.policies import DEFAULT_POLICY
 
 DEMO_REPO = "feature_repo"
 
@@ -152,7 +152,7 @@ def _data_args(p, users: int, items: int) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--retriever", type=_retriever, default=_retriever(None), metavar="NAME=VALUE,...",
                    help="retriever blend settings, e.g. decay=0.3,w_similarity=0.05 (default: RetrieverConfig's; "
-                        "python -m rcllm_sdk.evaluation.retriever_grid compares settings on validation users)")
+                        "python -m research.retriever_grid compares settings on validation users)")
 
 
 def _train_config(args):

@@ -15,7 +15,7 @@ class RetrieverConfig:
     """Blend weights of the retriever's three signals; one configuration everywhere.
 
     ``decay`` and ``w_similarity`` were chosen on validation users of the synthetic default,
-    MovieLens-100K and MovieLens-1M together (``python -m rcllm_sdk.evaluation.retriever_grid``;
+    MovieLens-100K and MovieLens-1M together (``python -m research.retriever_grid``;
     README, "Measured: accuracy vs the retriever"); until 2026-11-29 they were 0.6 and 0.3.
     """
 

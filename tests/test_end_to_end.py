@@ -74,7 +74,7 @@ def test_errors_and_cold_start(trained_repo, tmp_path):
 
 def test_evaluate_writes_the_report(trained_repo, tmp_path):
     from rcllm_sdk.evaluation.evaluate import evaluate
-    from tests.conftest import TINY
+    from conftest import TINY
 
     repo, result = trained_repo
     out = tmp_path / "report.json"

@@ -15,7 +15,7 @@ from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
 from rcllm_sdk.runtime import blockkv
 from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.model_view import ModelView, apply_rope, shift_keys
-from rcllm_sdk.runtime.policies import parse_policy, static_selection
+from rcllm_sdk.runtime.policies import fresh_ranges, parse_policy
 from rcllm_sdk.runtime.runner import _most_deviating
 from rcllm_sdk.errors import ConfigError
 
@@ -140,8 +140,11 @@ def test_rope_shift_is_exact():
 
 def test_policies_select_what_they_claim():
     kinds, lengths = ["system", "user", "label", "item", "label", "item", "query"], [3, 6, 1, 5, 1, 2, 2]
-    as_list = lambda spec: static_selection(parse_policy(spec), kinds, lengths).nonzero().flatten().tolist()
+    def as_list(spec):
+        return [t for start, end in parse_policy(spec).selected_ranges(kinds, lengths) for t in range(start, end)]
+
     fresh = [9, 15, 18, 19]
+    assert [t for start, end in fresh_ranges(kinds, lengths) for t in range(start, end)] == fresh
     assert as_list("none") == fresh
     assert as_list("block_head:2") == sorted(fresh + [3, 4, 10, 11, 16, 17])
     assert as_list("block_head:0") == fresh

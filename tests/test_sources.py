@@ -83,7 +83,7 @@ def test_unknown_item_and_missing_files_are_errors(tmp_path):
 
 def test_synthetic_is_deterministic_and_has_descriptions(tiny_world):
     from rcllm_sdk.data.synthetic import generate
-    from tests.conftest import TINY
+    from conftest import TINY
 
     again = generate(TINY)
     assert again[0].equals(tiny_world[0]) and again[1].equals(tiny_world[1])

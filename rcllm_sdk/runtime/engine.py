@@ -27,9 +27,9 @@ from ..prompt.renderer import SYSTEM, RenderedPrompt
 from ..types import CacheStats
 from . import blockkv
 from .model_view import ModelView, shift_keys
-from .policies import DEFAULT_POLICY, FRESH_KINDS, Policy, fresh_mask, parse_policy, static_selection
+from .policies import DEFAULT_POLICY, FRESH_KINDS, Policy, fresh_ranges, parse_policy
 from .precompute import compute_blocks, compute_system, empty_kv
-from .runner import Narrowing, PackedBatch, run_selected
+from .runner import Narrowing, PackedBatch, ranges_mask, run_selected
 
 log = logging.getLogger("rcllm_sdk.runtime")
 
@@ -66,8 +66,9 @@ class BlockEngine:
         found, computed, reads = self.block_kv([b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS])
         kv, stats = self.assemble(prompts, found, computed, reads)
         layouts = [_kinds_lengths(p) for p in prompts]
-        masks = [static_selection(policy, *layout) for layout in layouts]
-        pinned = torch.cat([fresh_mask(*layout)[m] for layout, m in zip(layouts, masks)])
+        masks = [ranges_mask(policy.selected_ranges(*layout), p.text_length) for layout, p in zip(layouts, prompts)]
+        pinned = torch.cat([ranges_mask(fresh_ranges(*layout), p.text_length)[m]
+                            for layout, p, m in zip(layouts, prompts, masks)])
         narrowing = Narrowing(policy.ratio, policy.check_layer) if policy.name == "deviation" else None
         hidden, rows = self._run([p.input_ids for p in prompts], kv, masks, pinned, narrowing)
         for s, n, p in zip(stats, rows.tolist(), prompts):

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ConfigError
 from ..prompt.renderer import LABEL, QUERY, SYSTEM
 
 FRESH_KINDS = (LABEL, QUERY)
 DEFAULT_POLICY = "block_head:2"
 
+Ranges = list[tuple[int, int]]  # half-open token ranges [start, end) within one prompt
+
 
 @dataclass(slots=True, frozen=True)
 class Policy:
+    """A parsed selection policy; it plans token ranges, the runner turns them into tensors."""
+
     name: str
     head: int = 0
     ratio: float = 0.0
@@ -38,6 +40,29 @@ class Policy:
         if self.name == "deviation":
             return f"deviation:{self.ratio:g}:{self.check_layer}"
         return self.name
+
+    def selected_ranges(self, kinds: list[str], lengths: list[int]) -> Ranges:
+        """Tokens that run every layer (for ``deviation``: every layer up to the check)."""
+        if self.name in ("full", "deviation"):
+            return [(0, sum(lengths))]
+        ranges, start = [], 0
+        for kind, n in zip(kinds, lengths):
+            if kind in FRESH_KINDS:
+                ranges.append((start, start + n))
+            elif self.name == "block_head" and kind != SYSTEM and self.head:
+                ranges.append((start, start + min(self.head, n)))
+            start += n
+        return ranges
+
+
+def fresh_ranges(kinds: list[str], lengths: list[int]) -> Ranges:
+    """Tokens of blocks that are never cached (labels, query)."""
+    ranges, start = [], 0
+    for kind, n in zip(kinds, lengths):
+        if kind in FRESH_KINDS:
+            ranges.append((start, start + n))
+        start += n
+    return ranges
 
 
 def parse_policy(spec: str | Policy) -> Policy:
@@ -57,21 +82,3 @@ def parse_policy(spec: str | Policy) -> Policy:
     except ValueError:
         pass
     raise ConfigError(f"unknown selection policy {spec!r}; use full, none, block_head:K or deviation:RATIO[:LAYER]")
-
-
-def fresh_mask(kinds: list[str], lengths: list[int]) -> torch.Tensor:
-    """``[T]`` bool: tokens of blocks that are never cached (labels, query)."""
-    return torch.cat([torch.full((n,), kind in FRESH_KINDS) for kind, n in zip(kinds, lengths)])
-
-
-def static_selection(policy: Policy, kinds: list[str], lengths: list[int]) -> torch.Tensor:
-    """``[T]`` bool: the tokens that run every layer (for ``deviation``: every layer up to the check)."""
-    if policy.name in ("full", "deviation"):
-        return torch.ones(sum(lengths), dtype=torch.bool)
-    parts = []
-    for kind, n in zip(kinds, lengths):
-        part = torch.full((n,), kind in FRESH_KINDS)
-        if policy.name == "block_head" and kind not in FRESH_KINDS and kind != SYSTEM:
-            part[: policy.head] = True
-        parts.append(part)
-    return torch.cat(parts)

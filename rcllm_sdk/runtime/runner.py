@@ -45,6 +45,14 @@ class PackedBatch:
                                                                self.cu_q, self.pinned)))
 
 
+def ranges_mask(ranges: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """``[length]`` bool, True inside the half-open ``ranges``."""
+    mask = torch.zeros(length, dtype=torch.bool)
+    for start, end in ranges:
+        mask[start:end] = True
+    return mask
+
+
 @dataclass(slots=True, frozen=True)
 class Narrowing:
     """CacheBlend-style selection made inside the forward: every row runs through

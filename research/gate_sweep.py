@@ -8,7 +8,7 @@ the cross-fitted training examples exactly as ``rcllm train`` does, trains the t
 saves token ids of every prompt piece plus the validation users' (cross-fitted candidates) and
 test users' (serving retriever, retriever order; identical to the served prompts) candidates::
 
-    python pipelines/gate_sweep.py export --repo /tmp/gate_repo --out bench_out/gate/data.pt
+    python -m research.gate_sweep export --repo /tmp/gate_repo --out bench_out/gate/data.pt
 
 ``sweep`` (GPU): trains one round of ``CONFIGS`` as parallel processes on one GPU, each for
 ``--budget`` seconds (curricula and learning rate follow the fraction of the budget used, or
@@ -16,24 +16,24 @@ of ``steps`` when given), evaluates NDCG@10 of the ranker against the retriever'
 the same 20 candidates with a paired bootstrap interval, writes ``$OUT/results.json`` and
 ``$OUT/train.log``::
 
-    python pipelines/gate_sweep.py sweep --round 1 --data bench_out/gate/data.pt --out $OUT --budget 330
+    python -m research.gate_sweep sweep --round 1 --data bench_out/gate/data.pt --out $OUT --budget 330
 
 ``headroom`` (CPU): NDCG@10 of rankers that know the synthetic generator's mechanism, on the
 same test candidates (the ceiling any learned ranker can reach), and of a linear ranker over
 features every prompt shows, trained on the same examples (what the data can teach)::
 
-    python pipelines/gate_sweep.py headroom --repo /tmp/gate_repo
+    python -m research.gate_sweep headroom --repo /tmp/gate_repo
 
 ``itemlm`` (CPU): the same question for a sequence model — a 2-layer Llama over item ids, its
 next-item log-probability of each candidate combined with the position (:func:`item_lm_headroom`)::
 
-    python pipelines/gate_sweep.py itemlm --repo /tmp/ml1m_repo --steps 2000
+    python -m research.gate_sweep itemlm --repo /tmp/ml1m_repo --steps 2000
 
 ``worlds`` (CPU, synthetic only): the same with items represented by their content (category, part,
 hashed series name, popularity) instead of ids, trained on the repo's training split and on other
 synthetic worlds (:func:`content_lm_headroom`)::
 
-    python pipelines/gate_sweep.py worlds --repo /tmp/gate_repo --worlds 8 --steps 1500
+    python -m research.gate_sweep worlds --repo /tmp/gate_repo --worlds 8 --steps 1500
 
 Terms: a *hint* example's query names the answer ("The user picked <i42>. Which candidate ...
 Answer:"), so the model only has to find the label in front of that item; the hint probability holds
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 try:
-    from .attention_init import label_head_init, mimetic_init
+    from research.attention_init import label_head_init, mimetic_init
 except ImportError:  # run as a script (the GPU machine has torch, transformers and numpy only)
     from attention_init import label_head_init, mimetic_init
 

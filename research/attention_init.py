@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from rcllm_sdk.pipelines.positional import positional_weights
+
 CONSTANT_DIM = 0  # the hidden dimension label_head_init turns into a constant "bias" input
 
 
@@ -77,25 +79,3 @@ def label_head_init(model, offset: int, margin: float = 12.0, copy_gain: float =
         attn.q_proj.weight[half:dim, CONSTANT_DIM] = weights.sign() * amplitude * torch.sin(phase)
         attn.v_proj.weight[:dim] = copy
         attn.o_proj.weight[:, :dim] = copy_gain * copy.T
-
-
-def _cosines(freqs: torch.Tensor, offset: int, max_distance: int) -> torch.Tensor:
-    distance = torch.arange(max_distance, dtype=torch.float32)
-    return torch.cos((distance[None] - offset) * freqs[:, None])  # [n_freqs, max_distance]
-
-
-def positional_weights(freqs: torch.Tensor, offset: int, margin: float, max_distance: int) -> torch.Tensor:
-    """Signed per-frequency weights: squared hinge losses push the score at ``offset`` over
-    ``margin`` and every other distance under ``-margin`` (not reachable exactly; the fit trades them)."""
-    cosines = _cosines(freqs, offset, max_distance)
-    weights = torch.zeros(len(freqs), requires_grad=True)
-    optimiser = torch.optim.Adam([weights], lr=0.1)
-    others = torch.ones(max_distance, dtype=torch.bool)
-    others[offset] = False
-    for _ in range(2000):
-        score = weights @ cosines
-        loss = torch.relu(score[others] + margin).pow(2).mean() + torch.relu(margin - score[offset]).pow(2)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return weights.detach()

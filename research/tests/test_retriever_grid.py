@@ -3,7 +3,7 @@ import polars as pl
 
 from rcllm_sdk.data.split import TEST, VAL, histories
 from rcllm_sdk.evaluation.metrics import METRICS, rank_of
-from rcllm_sdk.evaluation.retriever_grid import grid, retriever_ndcg
+from research.retriever_grid import grid, retriever_ndcg
 from rcllm_sdk.ingest import read_manifest
 from rcllm_sdk.retrieval import Retriever, RetrieverConfig
 

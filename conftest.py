@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic world, an ingested Feast repo and a micro ranker trained on it."""
+"""Shared test fixtures (tests/ and research/tests/): a tiny synthetic world, an ingested Feast repo and a
+micro ranker trained on it."""
 from __future__ import annotations
 
 import os

@@ -5,7 +5,7 @@ Validation scores leave the validation and test items out of the histories (and 
 fit) and ask for the validation item; test scores are what ``rcllm evaluate`` reports for the
 retriever. Pick on validation, report test::
 
-    python -m rcllm_sdk.evaluation.retriever_grid --repo /tmp/synth --repo /tmp/ml100k --repo /tmp/ml1m \\
+    python -m research.retriever_grid --repo /tmp/synth --repo /tmp/ml100k --repo /tmp/ml1m \\
         --decay 0.3 0.45 0.6 --w-similarity 0 0.03 0.05 0.1 0.3
 """
 from __future__ import annotations

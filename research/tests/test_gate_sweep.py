@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcllm_sdk.pipelines import gate_sweep as gs
+from research import gate_sweep as gs
 
 N_ITEMS, LABEL0, NEWLINE, ITEM0 = 30, 10, 5, 100
 

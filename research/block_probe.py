@@ -11,7 +11,7 @@ the smallest task that needs the same circuit, in the same block layout the serv
 and scores held-out prompts with the plain HF forward (``full``) and with ``BlockEngine`` under
 each policy. One model trains with full causal attention, one with the block-aware mask
 (``pipelines/block_mask.py``), one with half of its prompts each way (``mixed``).
-``python -m rcllm_sdk.evaluation.block_probe --out FILE.json``.
+``python -m research.block_probe --out FILE.json``.
 """
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """Shared test fixtures (tests/ and research/tests/): a tiny synthetic world, an ingested Feast repo and a
 micro ranker trained on it."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                                          f"rcllm-test-{os.getpid()}.db"))
+os.environ.setdefault(
+    "MLFLOW_TRACKING_URI",
+    "sqlite:///" + os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rcllm-test-{os.getpid()}.db"),
+)
 
 from rcllm_sdk.data.synthetic import SyntheticConfig  # noqa: E402
 
@@ -36,6 +39,7 @@ def trained_repo(ingested_repo):
     from rcllm_sdk.pipelines.run import train_from_repo
     from rcllm_sdk.pipelines.train import TrainConfig
 
-    result = train_from_repo(ingested_repo, config=TrainConfig(size="micro", steps=8, batch_size=4, vocab_size=600),
-                             progress=False)
+    result = train_from_repo(
+        ingested_repo, config=TrainConfig(size="micro", steps=8, batch_size=4, vocab_size=600), progress=False
+    )
     return ingested_repo, result

@@ -15,6 +15,7 @@ deleted after it ran. ``full`` is the plain Hugging Face forward. Ratios are rat
 Only numpy, torch, transformers and tokenizers are imported, so the same file runs on a
 bare GPU machine (``--device cuda --store memory://``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,16 @@ from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.policies import parse_policy
 from rcllm_sdk.runtime.refresh import refresh_blocks
 
-from .bench_config import (MODELS, WORKLOADS, BenchConfig, Request, StreamConfig, Workload, add_arguments,
-                           config_from_args)
+from .bench_config import (
+    MODELS,
+    WORKLOADS,
+    BenchConfig,
+    Request,
+    StreamConfig,
+    Workload,
+    add_arguments,
+    config_from_args,
+)
 
 
 # ---- the synthetic world ---------------------------------------------------------------------
@@ -74,23 +83,35 @@ def request_stream(config: StreamConfig, workload: Workload, n: int, salt: int) 
         else:
             user = len(histories) + 1
             histories[user] = draw(workload.history, set())
-        history = histories[user][-workload.history:]
+        history = histories[user][-workload.history :]
         requests.append(Request(user, history, draw(workload.candidates, set(histories[user]))))
     return requests
 
 
 def render_requests(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
     """The prompt of each request."""
-    return [render([catalog[i] for i in r.history], [catalog[i] for i in r.candidates], template,
-                   ranker.tokenizer, ranker.fingerprint) for r in requests]
+    return [
+        render(
+            [catalog[i] for i in r.history],
+            [catalog[i] for i in r.candidates],
+            template,
+            ranker.tokenizer,
+            ranker.fingerprint,
+        )
+        for r in requests
+    ]
 
 
 def request_blocks(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
     """What the refresh pipeline keeps stored for these requests: the system block, each
     history block and each candidate's item block."""
-    return cacheable_blocks([[catalog[i] for i in r.history] for r in requests],
-                            [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
-                            template, ranker.tokenizer, ranker.fingerprint)
+    return cacheable_blocks(
+        [[catalog[i] for i in r.history] for r in requests],
+        [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
+        template,
+        ranker.tokenizer,
+        ranker.fingerprint,
+    )
 
 
 def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[int]:
@@ -100,18 +121,24 @@ def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[in
 
 
 # ---- model, tokenizer, template --------------------------------------------------------------
-def build_bench_ranker(config: BenchConfig, workloads: list[Workload]) -> tuple[Ranker, dict[str, PromptTemplate], dict]:
+def build_bench_ranker(
+    config: BenchConfig, workloads: list[Workload]
+) -> tuple[Ranker, dict[str, PromptTemplate], dict]:
     """Tokenizer trained on the catalogue, random-weight model, one template per workload."""
     longest = max(w.item_tokens for w in workloads)
     catalog = bench_catalog(config.stream.items, 2 * longest, config.stream.seed)
     base = PromptTemplate(max_history=max(w.history for w in workloads), item_text_words=longest)
-    texts = [base.item_line(i.item_id, i.title, i.category, i.text, True) for i in list(catalog.values())[:1500]]
+    texts = [
+        base.item_line(i.item_id, i.title, i.category, i.text, True) for i in list(catalog.values())[:1500]
+    ]
     tokenizer = train_tokenizer([t.split(">", 1)[1] for t in texts], catalog.keys(), base, vocab_size=4000)
     templates = {w.name: _template_for(w, catalog, tokenizer) for w in workloads}
     spec = dict(MODELS[config.model])
     family = spec.pop("family")
     model = _random_model(family, spec, len(tokenizer), tokenizer, config)
-    digest = hashlib.blake2b(json.dumps([config.model, spec, config.stream.seed]).encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(
+        json.dumps([config.model, spec, config.stream.seed]).encode(), digest_size=8
+    ).hexdigest()
     return Ranker(model, tokenizer, base, f"bench{digest}"), templates, catalog
 
 
@@ -130,10 +157,18 @@ def _template_for(workload: Workload, catalog, tokenizer) -> PromptTemplate:
 def _random_model(family: str, spec: dict, vocab: int, tokenizer, config: BenchConfig):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(config.stream.seed)
-    hf_config = config_cls(vocab_size=vocab, max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id,
-                           tie_word_embeddings=False, **spec)
+    hf_config = config_cls(
+        vocab_size=vocab,
+        max_position_embeddings=16384,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **spec,
+    )
     dtype = _dtype(config)
     model = model_cls(hf_config).to(device=config.device, dtype=dtype)
     model.config._attn_implementation = "sdpa"
@@ -207,6 +242,7 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
             scored = scorer.score([prompt], [labels], policy)[0]
             logits[name] = scored.logits
             return scored.cache.recomputed_fraction, 0.0, scored.cache.kv_bytes_read, scored.cache.misses
+
         return run
 
     logits: dict[str, torch.Tensor] = {}  # each rcllm mode's logits for the current prompt
@@ -223,14 +259,15 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
     return runners, logits, engines
 
 
-def _measure(engines, prompts, labels, runners, logits, store: RecordingStore, device: str, cold: bool,
-             progress) -> dict:
+def _measure(
+    engines, prompts, labels, runners, logits, store: RecordingStore, device: str, cold: bool, progress
+) -> dict:
     samples = {name: [] for name in runners}
     names = list(runners)
     twins = [name for name in names if name.startswith("rcllm@")]
     diffs = {name: [] for name in twins}
-    for n, (prompt, label_ids) in enumerate(zip(prompts, labels)):
-        order = names[n % len(names):] + names[: n % len(names)]  # rotate: no mode always goes first
+    for n, (prompt, label_ids) in enumerate(zip(prompts, labels, strict=False)):
+        order = names[n % len(names) :] + names[: n % len(names)]  # rotate: no mode always goes first
         for name in order:
             ms, figures = _timed(lambda: runners[name](prompt, label_ids), device)
             samples[name].append((ms, *figures))
@@ -249,11 +286,16 @@ def _measure(engines, prompts, labels, runners, logits, store: RecordingStore, d
 
 def _summary(rows) -> dict:
     ms = np.array([r[0] for r in rows])
-    out = {"n": len(ms), "ttft_ms_p50": float(np.percentile(ms, 50)), "ttft_ms_p95": float(np.percentile(ms, 95)),
-           "ttft_ms_mean": float(ms.mean()), "recompute_fraction": float(np.mean([r[1] for r in rows])),
-           "prefix_hit_fraction": float(np.mean([r[2] for r in rows])),
-           "kv_bytes_read_mean": float(np.mean([r[3] for r in rows])),
-           "cache_misses_mean": float(np.mean([r[4] for r in rows]))}
+    out = {
+        "n": len(ms),
+        "ttft_ms_p50": float(np.percentile(ms, 50)),
+        "ttft_ms_p95": float(np.percentile(ms, 95)),
+        "ttft_ms_mean": float(ms.mean()),
+        "recompute_fraction": float(np.mean([r[1] for r in rows])),
+        "prefix_hit_fraction": float(np.mean([r[2] for r in rows])),
+        "kv_bytes_read_mean": float(np.mean([r[3] for r in rows])),
+        "cache_misses_mean": float(np.mean([r[4] for r in rows])),
+    }
     if len(ms) >= 100:
         out["ttft_ms_p99"] = float(np.percentile(ms, 99))
     return out
@@ -261,8 +303,11 @@ def _summary(rows) -> dict:
 
 def _ratios(modes: dict) -> dict:
     rc = modes["rcllm"]["ttft_ms_p50"]
-    out = {"full_over_rcllm": modes["full"]["ttft_ms_p50"] / rc, "prefix_over_rcllm": modes["prefix"]["ttft_ms_p50"] / rc,
-           "full_over_prefix": modes["full"]["ttft_ms_p50"] / modes["prefix"]["ttft_ms_p50"]}
+    out = {
+        "full_over_rcllm": modes["full"]["ttft_ms_p50"] / rc,
+        "prefix_over_rcllm": modes["prefix"]["ttft_ms_p50"] / rc,
+        "full_over_prefix": modes["full"]["ttft_ms_p50"] / modes["prefix"]["ttft_ms_p50"],
+    }
     for name, m in modes.items():
         if name.startswith(("rcllm:", "rcllm@")):
             out[f"prefix_over_{name}"] = modes["prefix"]["ttft_ms_p50"] / m["ttft_ms_p50"]
@@ -284,14 +329,23 @@ def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool
     options = {"max_local_cpu_gb": 4.0} if not config.store.startswith("memory://") else {}
     store = RecordingStore(open_store(config.store, namespace=ranker.fingerprint, **options))
     engine = BlockEngine(ranker, store, config.policy, config.attention)
-    report = {"machine": machine(config), "model": {"preset": config.model, **MODELS[config.model],
-                                                   "dtype": str(_dtype(config)).removeprefix("torch."),
-                                                   "parameters": sum(p.numel() for p in ranker.model.parameters())},
-              "stream": asdict(config.stream), "policy": parse_policy(config.policy).spec, "workloads": {}}
+    report = {
+        "machine": machine(config),
+        "model": {
+            "preset": config.model,
+            **MODELS[config.model],
+            "dtype": str(_dtype(config)).removeprefix("torch."),
+            "parameters": sum(p.numel() for p in ranker.model.parameters()),
+        },
+        "stream": asdict(config.stream),
+        "policy": parse_policy(config.policy).spec,
+        "workloads": {},
+    }
     try:
         for salt, workload in enumerate(workloads):
-            report["workloads"][workload.name] = _run_workload(engine, store, ranker, templates[workload.name],
-                                                               catalog, workload, config, salt, progress)
+            report["workloads"][workload.name] = _run_workload(
+                engine, store, ranker, templates[workload.name], catalog, workload, config, salt, progress
+            )
     finally:
         store.close()
     if out:
@@ -299,8 +353,17 @@ def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool
     return report
 
 
-def _run_workload(engine, store, ranker, template, catalog, workload: Workload, config: BenchConfig, salt: int,
-                  progress: bool) -> dict:
+def _run_workload(
+    engine,
+    store,
+    ranker,
+    template,
+    catalog,
+    workload: Workload,
+    config: BenchConfig,
+    salt: int,
+    progress: bool,
+) -> dict:
     engine.ranker = Ranker(ranker.model, ranker.tokenizer, template, ranker.fingerprint)
     n_warm, n_cold = config.warm_samples[workload.name], config.cold_samples[workload.name]
     requests = request_stream(config.stream, workload, n_warm + n_cold, salt)
@@ -310,19 +373,45 @@ def _run_workload(engine, store, ranker, template, catalog, workload: Workload, 
     runners, logits, engines = _mode_runners(engine, config)
     show = _progress_printer(workload.name, progress)
     _warmup(engines, runners, prompts[0], labels[0], store, config.device)
-    cold = _measure(engines, prompts[n_warm:], labels[n_warm:], runners, logits, store, config.device, True,
-                    lambda i, n: show("cold", i, n))
+    cold = _measure(
+        engines,
+        prompts[n_warm:],
+        labels[n_warm:],
+        runners,
+        logits,
+        store,
+        config.device,
+        True,
+        lambda i, n: show("cold", i, n),
+    )
     _prepare_warm(engine, prompts[:n_warm], template, ranker, requests[:n_warm], catalog, progress)
-    warm = _measure(engines, prompts[:n_warm], labels[:n_warm], runners, logits, store, config.device, False,
-                    lambda i, n: show("warm", i, n))
+    warm = _measure(
+        engines,
+        prompts[:n_warm],
+        labels[:n_warm],
+        runners,
+        logits,
+        store,
+        config.device,
+        False,
+        lambda i, n: show("warm", i, n),
+    )
     for twin in engines[1:]:
         twin.close()
     tokens = [len(p.input_ids) for p in prompts]
-    return {"candidates": workload.candidates, "history_items": workload.history,
-            "item_block_tokens_mean": float(np.mean([len(b.token_ids) for p in prompts for b in p.blocks
-                                                      if b.kind == "item"])),
-            "prompt_tokens_p50": float(np.median(tokens)), "warm_samples": n_warm, "cold_samples": n_cold,
-            "modes": warm, "ratios": _ratios(warm), "cold": {"modes": cold, "ratios": _ratios(cold)}}
+    return {
+        "candidates": workload.candidates,
+        "history_items": workload.history,
+        "item_block_tokens_mean": float(
+            np.mean([len(b.token_ids) for p in prompts for b in p.blocks if b.kind == "item"])
+        ),
+        "prompt_tokens_p50": float(np.median(tokens)),
+        "warm_samples": n_warm,
+        "cold_samples": n_cold,
+        "modes": warm,
+        "ratios": _ratios(warm),
+        "cold": {"modes": cold, "ratios": _ratios(cold)},
+    }
 
 
 def _warmup(engines, runners, prompt, labels, store: RecordingStore, device: str) -> None:
@@ -349,14 +438,21 @@ def _progress_printer(name: str, enabled: bool):
     def show(phase, i, n):
         if enabled:
             print(f"\r{name} {phase}: {i}/{n} requests", end="\n" if i == n else "", flush=True)
+
     return show
 
 
 def machine(config: BenchConfig) -> dict:
     import os
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": config.device}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": config.device,
+    }
     if config.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -370,15 +466,19 @@ def machine(config: BenchConfig) -> dict:
 
 # ---- output ----------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
-    lines = ["| workload | mode | warm p50 ms | warm p95 ms | cold p50 ms | recomputed | prefix hit | full / mode | prefix / mode |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | mode | warm p50 ms | warm p95 ms | cold p50 ms | recomputed | prefix hit | full / mode | prefix / mode |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, w in report["workloads"].items():
         full, prefix = w["modes"]["full"]["ttft_ms_p50"], w["modes"]["prefix"]["ttft_ms_p50"]
         for mode, m in w["modes"].items():
             cold = w["cold"]["modes"][mode]["ttft_ms_p50"]
-            lines.append(f"| {name} | {mode} | {m['ttft_ms_p50']:.1f} | {m['ttft_ms_p95']:.1f} | {cold:.1f} | "
-                         f"{m['recompute_fraction']:.3f} | {m['prefix_hit_fraction']:.3f} | "
-                         f"{full / m['ttft_ms_p50']:.2f}x | {prefix / m['ttft_ms_p50']:.2f}x |")
+            lines.append(
+                f"| {name} | {mode} | {m['ttft_ms_p50']:.1f} | {m['ttft_ms_p95']:.1f} | {cold:.1f} | "
+                f"{m['recompute_fraction']:.3f} | {m['prefix_hit_fraction']:.3f} | "
+                f"{full / m['ttft_ms_p50']:.2f}x | {prefix / m['ttft_ms_p50']:.2f}x |"
+            )
     return "\n".join(lines)
 
 

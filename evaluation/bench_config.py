@@ -1,4 +1,5 @@
 """Settings of ``rcllm bench`` (no heavy imports: the CLI builds its parser from these)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,38 @@ class Workload:
 WORKLOADS = {"reference": Workload("reference", 20, 64), "long_item": Workload("long_item", 50, 128)}
 
 MODELS = {  # random-weight bench models; compute dominates at these sizes
-    "cpu-512x8": dict(family="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=2, intermediate_size=1408),
-    "qwen-0.5b": dict(family="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                      num_key_value_heads=2, intermediate_size=4864),
-    "qwen-1.5b": dict(family="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                      num_key_value_heads=2, intermediate_size=8960),
-    "tiny": dict(family="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128),
+    "cpu-512x8": dict(
+        family="llama",
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+    ),
+    "qwen-0.5b": dict(
+        family="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+    ),
+    "qwen-1.5b": dict(
+        family="qwen2",
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+    ),
+    "tiny": dict(
+        family="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
 }
 
 
@@ -66,30 +91,56 @@ class BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench_out/bench.json", help="JSON report (a .md table is written beside it)")
+    p.add_argument(
+        "--out", default="bench_out/bench.json", help="JSON report (a .md table is written beside it)"
+    )
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--model", default="cpu-512x8", choices=list(MODELS))
-    p.add_argument("--warm", type=int, nargs=2, metavar=("REFERENCE", "LONG_ITEM"), default=(30, 12),
-                   help="timed warm-cache requests per workload")
-    p.add_argument("--cold", type=int, nargs=2, metavar=("REFERENCE", "LONG_ITEM"), default=(8, 4),
-                   help="timed cold-cache requests per workload")
+    p.add_argument(
+        "--warm",
+        type=int,
+        nargs=2,
+        metavar=("REFERENCE", "LONG_ITEM"),
+        default=(30, 12),
+        help="timed warm-cache requests per workload",
+    )
+    p.add_argument(
+        "--cold",
+        type=int,
+        nargs=2,
+        metavar=("REFERENCE", "LONG_ITEM"),
+        default=(8, 4),
+        help="timed cold-cache requests per workload",
+    )
     p.add_argument("--policy", default=DEFAULT_POLICY, help="the rcllm policy the ratios are quoted for")
     p.add_argument("--other-policies", nargs="*", default=list(OTHER_POLICIES))
     p.add_argument("--store", default="local://", help="block store URL shared by prefix and rcllm")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--ab-attention", default="", choices=["", "auto", "torch", "triton"],
-                   help="also run the default policy with this attention backend, interleaved (an A/B)")
+    p.add_argument(
+        "--ab-attention",
+        default="",
+        choices=["", "auto", "torch", "triton"],
+        help="also run the default policy with this attention backend, interleaved (an A/B)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def config_from_args(args) -> BenchConfig:
-    return BenchConfig(workloads=args.workloads, model=args.model,
-                       warm_samples={"reference": args.warm[0], "long_item": args.warm[1]},
-                       cold_samples={"reference": args.cold[0], "long_item": args.cold[1]},
-                       policy=args.policy, other_policies=args.other_policies, store=args.store,
-                       device=args.device, dtype=args.dtype, attention=args.attention,
-                       ab_attention=args.ab_attention, threads=args.threads,
-                       stream=StreamConfig(seed=args.seed))
+    return BenchConfig(
+        workloads=args.workloads,
+        model=args.model,
+        warm_samples={"reference": args.warm[0], "long_item": args.warm[1]},
+        cold_samples={"reference": args.cold[0], "long_item": args.cold[1]},
+        policy=args.policy,
+        other_policies=args.other_policies,
+        store=args.store,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        ab_attention=args.ab_attention,
+        threads=args.threads,
+        stream=StreamConfig(seed=args.seed),
+    )

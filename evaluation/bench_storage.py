@@ -7,6 +7,7 @@ served histories (test items excluded), and each user's retriever top-20 candida
 
 Only numpy, scipy and polars are imported (no torch): the placement layer plans.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,14 @@ def synthetic_dataset(config=None, *, max_users: int = 2000, seed: int = 0, embe
     """
     from rcllm_sdk.data.sources import load
 
-    return dataset_from(load("synthetic", synthetic=config), max_users=max_users, seed=seed,
-                        embedding_dim=embedding_dim)
+    return dataset_from(
+        load("synthetic", synthetic=config), max_users=max_users, seed=seed, embedding_dim=embedding_dim
+    )
 
 
-def movielens_1m_dataset(path: str | Path = ML1M_PATH, *, max_users: int = 2000, seed: int = 0,
-                         embedding_dim: int = 32):
+def movielens_1m_dataset(
+    path: str | Path = ML1M_PATH, *, max_users: int = 2000, seed: int = 0, embedding_dim: int = 32
+):
     """Like :func:`synthetic_dataset` for MovieLens-1M (``interactions.csv.gz`` + ``items.csv``).
 
     ``path`` is resolved against the repo root; returns None when the folder is absent.
@@ -81,8 +84,15 @@ def request_footprint(shard_map: ShardMap, candidates: list[int]) -> tuple[int, 
     return int((counts > 0).sum()), int(counts.sum() - counts.max())
 
 
-def placement_rows(dataset: str, item_ids, embeddings, requests: list[list[int]], block_bytes: int,
-                   shards=(4, 8, 16), seed: int = 0) -> list[dict]:
+def placement_rows(
+    dataset: str,
+    item_ids,
+    embeddings,
+    requests: list[list[int]],
+    block_bytes: int,
+    shards=(4, 8, 16),
+    seed: int = 0,
+) -> list[dict]:
     """One row per shard count and placement (``similarity``, ``hash``).
 
     Row fields:
@@ -101,37 +111,67 @@ def placement_rows(dataset: str, item_ids, embeddings, requests: list[list[int]]
     for n_shards in shards:
         for placement in ("similarity", "hash"):
             start = time.perf_counter()
-            shard_map = (similarity_placement(item_ids, embeddings, n_shards, seed=seed) if placement == "similarity"
-                         else hash_placement(item_ids, n_shards))
+            shard_map = (
+                similarity_placement(item_ids, embeddings, n_shards, seed=seed)
+                if placement == "similarity"
+                else hash_placement(item_ids, n_shards)
+            )
             build_s = time.perf_counter() - start
-            rows.append({"dataset": dataset, "shards": n_shards, "placement": placement,
-                         **_request_figures(shard_map, requests, block_bytes),
-                         **_balance_figures(shard_map, item_ids), "build_s": round(build_s, 4)})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "shards": n_shards,
+                    "placement": placement,
+                    **_request_figures(shard_map, requests, block_bytes),
+                    **_balance_figures(shard_map, item_ids),
+                    "build_s": round(build_s, 4),
+                }
+            )
     return rows
 
 
 def _request_figures(shard_map: ShardMap, requests: list[list[int]], block_bytes: int) -> dict:
     footprints = np.array([request_footprint(shard_map, r) for r in requests], np.float64).reshape(-1, 2)
     nodes, remote = footprints.mean(axis=0) if len(requests) else (0.0, 0.0)
-    return {"nodes_per_request": float(nodes), "remote_bytes_per_request": float(remote * block_bytes),
-            "requests": len(requests)}
+    return {
+        "nodes_per_request": float(nodes),
+        "remote_bytes_per_request": float(remote * block_bytes),
+        "requests": len(requests),
+    }
 
 
 def _balance_figures(shard_map: ShardMap, item_ids) -> dict:
     sizes = shard_map.sizes(item_ids)
     mean = sizes.sum() / len(sizes)
-    return {"max_over_mean_shard_size": float(sizes.max() / mean),
-            "min_over_mean_shard_size": float(sizes.min() / mean)}
+    return {
+        "max_over_mean_shard_size": float(sizes.max() / mean),
+        "min_over_mean_shard_size": float(sizes.min() / mean),
+    }
 
 
 # ---- the run and its report ------------------------------------------------------------------
-def placement_report(shards=(4, 8, 16), *, block_bytes: int = DEFAULT_BLOCK_BYTES, max_users: int = 2000,
-                     ml1m_path: str | Path = ML1M_PATH, seed: int = 0) -> dict:
+def placement_report(
+    shards=(4, 8, 16),
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    max_users: int = 2000,
+    ml1m_path: str | Path = ML1M_PATH,
+    seed: int = 0,
+) -> dict:
     """Rows for the synthetic world and MovieLens-1M (listed under ``skipped`` when absent)."""
-    loaders = {"synthetic": lambda: synthetic_dataset(max_users=max_users, seed=seed),
-               "ml-1m": lambda: movielens_1m_dataset(ml1m_path, max_users=max_users, seed=seed)}
-    report = {"block_bytes": block_bytes, "candidates": CANDIDATES, "max_users": max_users, "seed": seed,
-              "placement": [], "skipped": [], "seconds": {}}
+    loaders = {
+        "synthetic": lambda: synthetic_dataset(max_users=max_users, seed=seed),
+        "ml-1m": lambda: movielens_1m_dataset(ml1m_path, max_users=max_users, seed=seed),
+    }
+    report = {
+        "block_bytes": block_bytes,
+        "candidates": CANDIDATES,
+        "max_users": max_users,
+        "seed": seed,
+        "placement": [],
+        "skipped": [],
+        "seconds": {},
+    }
     for name, loader in loaders.items():
         start = time.perf_counter()
         data = loader()
@@ -145,15 +185,22 @@ def placement_report(shards=(4, 8, 16), *, block_bytes: int = DEFAULT_BLOCK_BYTE
 
 def placement_markdown(rows: list[dict]) -> str:
     """Markdown table of :func:`placement_rows` output, with hash / similarity nodes per request."""
-    hash_nodes = {(r["dataset"], r["shards"]): r["nodes_per_request"] for r in rows if r["placement"] == "hash"}
-    lines = ["| dataset | shards | placement | nodes / request | hash / this | remote MiB / request | "
-             "max / mean shard | min / mean shard | requests |", "|---|---|---|---|---|---|---|---|---|"]
+    hash_nodes = {
+        (r["dataset"], r["shards"]): r["nodes_per_request"] for r in rows if r["placement"] == "hash"
+    }
+    lines = [
+        "| dataset | shards | placement | nodes / request | hash / this | remote MiB / request | "
+        "max / mean shard | min / mean shard | requests |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = hash_nodes.get((r["dataset"], r["shards"]))
         ratio_cell = f"{ratio / r['nodes_per_request']:.2f}x" if ratio and r["nodes_per_request"] else "–"
-        lines.append(f"| {r['dataset']} | {r['shards']} | {r['placement']} | {r['nodes_per_request']:.2f} | "
-                     f"{ratio_cell} | {r['remote_bytes_per_request'] / 2**20:.2f} | "
-                     f"{r['max_over_mean_shard_size']:.3f} | {r['min_over_mean_shard_size']:.3f} | {r['requests']} |")
+        lines.append(
+            f"| {r['dataset']} | {r['shards']} | {r['placement']} | {r['nodes_per_request']:.2f} | "
+            f"{ratio_cell} | {r['remote_bytes_per_request'] / 2**20:.2f} | "
+            f"{r['max_over_mean_shard_size']:.3f} | {r['min_over_mean_shard_size']:.3f} | {r['requests']} |"
+        )
     return "\n".join(lines)
 
 
@@ -186,13 +233,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="item block replicas in the node-down run")
     parser.add_argument("--requests", type=int, default=16, help="timed requests per node-down phase")
     parser.add_argument("--skip-node-down", action="store_true", help="placement only (no servers, no model)")
-    parser.add_argument("--out", default="bench_out/bench_storage.json",
-                        help="JSON report (a .md table is written beside it)")
+    parser.add_argument(
+        "--out", default="bench_out/bench_storage.json", help="JSON report (a .md table is written beside it)"
+    )
 
 
 def run_from_args(args) -> int:
-    report = placement_report(tuple(args.shards), block_bytes=args.block_bytes, max_users=args.max_users,
-                              ml1m_path=args.ml1m_path)
+    report = placement_report(
+        tuple(args.shards), block_bytes=args.block_bytes, max_users=args.max_users, ml1m_path=args.ml1m_path
+    )
     report["results"] = report.pop("placement")
     if not args.skip_node_down:
         from .bench_cluster import node_down_report

@@ -5,11 +5,11 @@ retriever's top-K (default 20) are the candidates of both rankings, so the paire
 isolates the ranker. A truth outside the candidates counts as a miss; the ``in_candidates``
 entries repeat each metric over the users whose truth the retriever did find.
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,11 +29,26 @@ from .report import markdown_table
 OTHER_POLICIES = ("none", "block_head:4", "block_head:8", "deviation:0.15:1")
 
 
-def evaluate(source: str, path: str | None, out: str | Path | None = None, *, model: str | None = None,
-             repo: str | Path | None = None, train_config=None, synthetic=None, max_users: int | None = None,
-             timing_samples: int = 200, candidates: int = 20, progress: bool = True, log_mlflow: bool = True,
-             ingest_first: bool = True, policy: str = DEFAULT_POLICY, other_policies: tuple[str, ...] = OTHER_POLICIES,
-             store: str = "local://", retriever_config=None) -> dict:
+def evaluate(
+    source: str,
+    path: str | None,
+    out: str | Path | None = None,
+    *,
+    model: str | None = None,
+    repo: str | Path | None = None,
+    train_config=None,
+    synthetic=None,
+    max_users: int | None = None,
+    timing_samples: int = 200,
+    candidates: int = 20,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    ingest_first: bool = True,
+    policy: str = DEFAULT_POLICY,
+    other_policies: tuple[str, ...] = OTHER_POLICIES,
+    store: str = "local://",
+    retriever_config=None,
+) -> dict:
     """Ingest ``source`` (unless ``ingest_first`` is False and ``repo`` is already ingested),
     train a ranker when ``model`` is None, evaluate every mode, write ``out`` JSON.
 
@@ -48,7 +63,9 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
     """
     repo = Path(repo) if repo else Path(tempfile.mkdtemp(prefix=f"rcllm-eval-{source}-"))
     if ingest_first:
-        ingest(source, path, repo, synthetic=synthetic, retriever_config=retriever_config or RetrieverConfig())
+        ingest(
+            source, path, repo, synthetic=synthetic, retriever_config=retriever_config or RetrieverConfig()
+        )
     training = None
     if model is None:
         model, training = _train(repo, train_config, progress)
@@ -57,8 +74,10 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
     users = sorted(truth)
     full = _ranks(rec, users, truth, candidates, progress)
     manifest = read_manifest(repo)
-    results = {"retriever": _accuracy(full.retriever, full.retriever),
-               "full": {**_accuracy(full.ranks, full.retriever), **_timing(rec, users[:timing_samples])}}
+    results = {
+        "retriever": _accuracy(full.retriever, full.retriever),
+        "full": {**_accuracy(full.ranks, full.retriever), **_timing(rec, users[:timing_samples])},
+    }
     results["full"]["ndcg@10_diff_vs_retriever"] = paired_difference(full.ranks, full.retriever)
     per_user = {"full": full.ranks, "retriever": full.retriever}
     for name, variant in _variants(rec, policy, other_policies, store):
@@ -66,9 +85,19 @@ def evaluate(source: str, path: str | None, out: str | Path | None = None, *, mo
             ranked = _ranks(variant, users, truth, candidates, progress, desc=name)
             results[name] = {**_agreement(ranked, full), **_timing(variant, users[:timing_samples])}
         per_user[name] = ranked.ranks
-    report = {"dataset": manifest["dataset"], "users": len(users), "results": results,
-              "config": {"candidates": candidates, "model": str(model), "policy": parse_policy(policy).spec,
-                         "store": store, "training": training, "retriever": manifest["retriever"]}}
+    report = {
+        "dataset": manifest["dataset"],
+        "users": len(users),
+        "results": results,
+        "config": {
+            "candidates": candidates,
+            "model": str(model),
+            "policy": parse_policy(policy).spec,
+            "store": store,
+            "training": training,
+            "retriever": manifest["retriever"],
+        },
+    }
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     if log_mlflow:
@@ -83,8 +112,15 @@ def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
     yield "rcllm", rec.with_config(mode="rcllm", policy=policy, store=store)
     for spec in other_policies:
         yield f"rcllm:{parse_policy(spec).spec}", rec.with_config(mode="rcllm", policy=spec, store=store)
-    yield "control:wrong_history", WrongHistoryRecommender(rec.features, rec.retriever, rec.ranker,
-                                                           replace(rec.config, mode="rcllm", policy=policy, store=store))
+    yield (
+        "control:wrong_history",
+        WrongHistoryRecommender(
+            rec.features,
+            rec.retriever,
+            rec.ranker,
+            replace(rec.config, mode="rcllm", policy=policy, store=store),
+        ),
+    )
 
 
 class WrongHistoryRecommender(RcRecommender):
@@ -93,17 +129,28 @@ class WrongHistoryRecommender(RcRecommender):
     def _prompts(self, histories):
         shown = histories[1:] + histories[:1]
         template = self.ranker.template
-        plans = [(seen[-template.max_history:], self._candidates(own)) for own, seen in zip(histories, shown)]
+        plans = [
+            (seen[-template.max_history :], self._candidates(own))
+            for own, seen in zip(histories, shown, strict=False)
+        ]
         return self._render(plans)
 
 
-def _agreement(ranked: "Ranked", full: "Ranked") -> dict:
+def _agreement(ranked: Ranked, full: Ranked) -> dict:
     """Accuracy of a cached mode, its agreement with ``full`` on the same users, and its
     NDCG@10 relative to ``full`` with a paired bootstrap interval."""
     out = _accuracy(ranked.ranks, full.retriever)
-    out["top1_agreement_with_full"] = float(np.mean([a[0] == b[0] for a, b in zip(ranked.top, full.top)]))
-    out["top10_overlap_with_full"] = float(np.mean([len(set(a[:10]) & set(b[:10])) / min(10, len(b))
-                                                    for a, b in zip(ranked.top, full.top)]))
+    out["top1_agreement_with_full"] = float(
+        np.mean([a[0] == b[0] for a, b in zip(ranked.top, full.top, strict=False)])
+    )
+    out["top10_overlap_with_full"] = float(
+        np.mean(
+            [
+                len(set(a[:10]) & set(b[:10])) / min(10, len(b))
+                for a, b in zip(ranked.top, full.top, strict=False)
+            ]
+        )
+    )
     diff = paired_difference(ranked.ranks, full.ranks)
     base = float(METRICS["ndcg@10"](full.ranks).mean()) or float("nan")
     out["ndcg@10_diff_vs_full"] = diff
@@ -122,7 +169,7 @@ def _train(repo: Path, train_config, progress: bool) -> tuple[str, dict]:
 def _test_truth(repo: Path, max_users: int | None) -> dict[int, int]:
     test = pl.read_parquet(repo / "data" / "interactions.parquet").filter(pl.col("split") == TEST)
     test = test.sort("user_id").head(max_users) if max_users else test
-    return dict(zip(test["user_id"].to_list(), test["item_id"].to_list()))
+    return dict(zip(test["user_id"].to_list(), test["item_id"].to_list(), strict=False))
 
 
 @dataclass(slots=True)
@@ -135,12 +182,16 @@ class Ranked:
     recompute_fraction: float
 
 
-def _ranks(rec: RcRecommender, users: list[int], truth: dict, k: int, progress: bool, desc: str = "full") -> Ranked:
+def _ranks(
+    rec: RcRecommender, users: list[int], truth: dict, k: int, progress: bool, desc: str = "full"
+) -> Ranked:
     ranks, top, retr, fractions = [], [], [], []
     step = rec.config.batch_size
-    for start in tqdm(range(0, len(users), step), desc=f"evaluate {desc}", disable=not progress, unit="batch"):
+    for start in tqdm(
+        range(0, len(users), step), desc=f"evaluate {desc}", disable=not progress, unit="batch"
+    ):
         batch = users[start : start + step]
-        for user, result in zip(batch, rec.recommend_batch(batch, k=k)):
+        for user, result in zip(batch, rec.recommend_batch(batch, k=k), strict=False):
             ranks.append(rank_of(result.item_ids, truth[user]))
             retr.append(rank_of(result.candidates, truth[user]))
             top.append(result.item_ids)
@@ -161,10 +212,14 @@ def _timing(rec: RcRecommender, users: list[int]) -> dict:
     ttft, e2e = [], []
     for user in users:
         result = rec.recommend(user)
-        ttft.append(result.ttft_ms); e2e.append(result.e2e_ms)
+        ttft.append(result.ttft_ms)
+        e2e.append(result.e2e_ms)
     out = {"timing_samples": len(users)}
     for name, values in (("ttft_ms", ttft), ("e2e_ms", e2e)):
-        out[f"{name}_p50"], out[f"{name}_p95"] = float(np.percentile(values, 50)), float(np.percentile(values, 95))
+        out[f"{name}_p50"], out[f"{name}_p95"] = (
+            float(np.percentile(values, 50)),
+            float(np.percentile(values, 95)),
+        )
         if len(values) >= 100:
             out[f"{name}_p99"] = float(np.percentile(values, 99))
     return out
@@ -181,7 +236,9 @@ def _log(report: dict, users, truth, per_user: dict[str, np.ndarray], out) -> No
         artifacts = {"evaluation": table}
         if out:
             artifacts["report"] = Path(out)
-        params = {"dataset": report["dataset"], "users": report["users"], **{k: v for k, v in report["config"].items()
-                                                                            if k != "training"}}
+        params = {
+            "dataset": report["dataset"],
+            "users": report["users"],
+            **{k: v for k, v in report["config"].items() if k != "training"},
+        }
         log_run("rcllm-evaluate", params, report["results"], artifacts)
-

@@ -2,9 +2,10 @@
 intervals. Metrics are found by name in ``METRICS``; each maps the 0-based rank of the truth
 (``-1`` = not in the list) to a per-user value.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -13,6 +14,7 @@ def ndcg_at(k: int) -> Callable[[np.ndarray], np.ndarray]:
     def metric(rank: np.ndarray) -> np.ndarray:
         hit = (rank >= 0) & (rank < k)
         return np.where(hit, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
+
     return metric
 
 
@@ -25,8 +27,10 @@ def mrr_at(k: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "ndcg@5": ndcg_at(5), "ndcg@10": ndcg_at(10),
-    "recall@5": recall_at(5), "recall@10": recall_at(10),
+    "ndcg@5": ndcg_at(5),
+    "ndcg@10": ndcg_at(10),
+    "recall@5": recall_at(5),
+    "recall@10": recall_at(10),
     "mrr@10": mrr_at(10),
 }
 
@@ -43,7 +47,9 @@ def per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
     return {name: fn(np.asarray(ranks)) for name, fn in METRICS.items()}
 
 
-def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> list[float]:
+def bootstrap_ci(
+    values: np.ndarray, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> list[float]:
     """Percentile bootstrap interval of the mean of per-user ``values`` (paired when given a difference)."""
     values = np.asarray(values, float)
     if len(values) == 0:
@@ -63,8 +69,9 @@ def summarize(ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict
     return out
 
 
-def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metric: str = "ndcg@10",
-                      n_resamples: int = 1000, seed: int = 0) -> dict[str, float | list[float]]:
+def paired_difference(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, metric: str = "ndcg@10", n_resamples: int = 1000, seed: int = 0
+) -> dict[str, float | list[float]]:
     """Mean of (a - b) per user for ``metric`` with its paired bootstrap interval."""
     diff = METRICS[metric](np.asarray(ranks_a)) - METRICS[metric](np.asarray(ranks_b))
     return {"mean": float(diff.mean()), "ci": bootstrap_ci(diff, n_resamples, seed)}

@@ -1,4 +1,5 @@
 """Markdown rendering of an evaluation report."""
+
 from __future__ import annotations
 
 COLUMNS = ["ndcg@5", "ndcg@10", "recall@5", "recall@10", "mrr@10"]
@@ -12,16 +13,22 @@ def _cell(entry: dict, name: str) -> str:
 def markdown_table(report: dict) -> str:
     """Accuracy of every entry with 95% intervals and TTFT; then how each cached mode agrees with ``full``."""
     head = f"**{report['dataset']}**, {report['users']} test users (metric [95% bootstrap interval])\n\n"
-    lines = ["| mode | " + " | ".join(COLUMNS) + " | ttft_ms p50 | ttft_ms p95 |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = [
+        "| mode | " + " | ".join(COLUMNS) + " | ttft_ms p50 | ttft_ms p95 |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
     for mode, entry in report["results"].items():
         ttft = [f"{entry[k]:.1f}" if k in entry else "–" for k in ("ttft_ms_p50", "ttft_ms_p95")]
-        lines.append(f"| {mode} | " + " | ".join(_cell(entry, c) for c in COLUMNS) + " | " + " | ".join(ttft) + " |")
+        lines.append(
+            f"| {mode} | " + " | ".join(_cell(entry, c) for c in COLUMNS) + " | " + " | ".join(ttft) + " |"
+        )
     diff = report["results"].get("full", {}).get("ndcg@10_diff_vs_retriever")
     tail = ""
     if diff:
-        tail = (f"\n\nNDCG@10 full − retriever (paired): {diff['mean']:+.4f} "
-                f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]")
+        tail = (
+            f"\n\nNDCG@10 full − retriever (paired): {diff['mean']:+.4f} "
+            f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]"
+        )
     return head + "\n".join(lines) + tail + agreement_table(report)
 
 
@@ -29,10 +36,14 @@ def agreement_table(report: dict) -> str:
     rows = [(mode, e) for mode, e in report["results"].items() if "top1_agreement_with_full" in e]
     if not rows:
         return ""
-    lines = ["\n\n| mode vs full | recomputed | top-1 agreement | top-10 overlap | NDCG@10 relative diff [95%] |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "\n\n| mode vs full | recomputed | top-1 agreement | top-10 overlap | NDCG@10 relative diff [95%] |",
+        "|---|---|---|---|---|",
+    ]
     for mode, e in rows:
         rel = e["ndcg@10_rel_diff_vs_full"]
-        lines.append(f"| {mode} | {e['recompute_fraction']:.3f} | {e['top1_agreement_with_full']:.3f} | "
-                     f"{e['top10_overlap_with_full']:.3f} | {rel['mean']:+.2%} [{rel['ci'][0]:+.2%}, {rel['ci'][1]:+.2%}] |")
+        lines.append(
+            f"| {mode} | {e['recompute_fraction']:.3f} | {e['top1_agreement_with_full']:.3f} | "
+            f"{e['top10_overlap_with_full']:.3f} | {rel['mean']:+.2%} [{rel['ci'][0]:+.2%}, {rel['ci'][1]:+.2%}] |"
+        )
     return "\n".join(lines)

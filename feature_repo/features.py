@@ -1,5 +1,6 @@
 """Feature definitions for the `feast` CLI (`feast -c feature_repo plan`); the SDK applies the
 same objects itself during `rcllm ingest`."""
+
 from pathlib import Path
 
 from rcllm_sdk.features.definitions import feature_definitions

@@ -17,15 +17,22 @@ no key gets zeros.
 This module is the torch path (CPU serving, and the reference the Triton kernel is
 tested against).
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def selective_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                              k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                              scale: float | None = None) -> torch.Tensor:
+def selective_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Reference semantics of :func:`selective_attention`, one SDPA call per request."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
@@ -41,8 +48,9 @@ def selective_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 QUERY_CHUNK = 64  # query rows per score matrix: bounds memory, lets ascending keys be cut causally
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-               scale: float) -> torch.Tensor:
+def attend_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One request: ``q [n, Hq, D]`` over ``k, v [T, Hkv, D]`` -> ``[n, Hq, D]``.
 
     Two exact paths, whichever is faster for the shape: a causal suffix (queries at the last
@@ -98,8 +106,11 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def _is_causal_suffix(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
     n, t = len(q_pos), len(k_pos)
-    return 0 < n <= t and torch.equal(k_pos, torch.arange(t, device=k_pos.device)) and \
-        torch.equal(q_pos, torch.arange(t - n, t, device=q_pos.device))
+    return (
+        0 < n <= t
+        and torch.equal(k_pos, torch.arange(t, device=k_pos.device))
+        and torch.equal(q_pos, torch.arange(t - n, t, device=q_pos.device))
+    )
 
 
 def _causal_suffix(qh, kh, vh, start: int, scale: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ On a machine without a GPU, Triton runs the kernel only under its interpreter:
 ``TRITON_INTERPRET=1`` must be set when the kernel is called. The kernel is jitted lazily, once
 per mode, rather than by a decorator at import, so importing this module never fixes the mode.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,31 @@ _MAX, _SUM = tl.standard._elementwise_max, tl.standard._sum_combine
 
 
 def _selective_attention_fwd(
-        Q, K, V, O, QPos, KPos, CuQ, CuK, qk_scale,  # qk_scale = softmax scale * log2(e)
-        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-        GROUP: tl.constexpr,  # query heads per KV head
-        TILE_HEADS: tl.constexpr,  # query heads stacked in one tile (<= GROUP)
-        KEYS_SORTED: tl.constexpr,  # every request's k_pos is non-decreasing
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    Q,
+    K,
+    V,
+    O,
+    QPos,
+    KPos,
+    CuQ,
+    CuK,
+    qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_on,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads per KV head
+    TILE_HEADS: tl.constexpr,  # query heads stacked in one tile (<= GROUP)
+    KEYS_SORTED: tl.constexpr,  # every request's k_pos is non-decreasing
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     TOKENS: tl.constexpr = BLOCK_M // TILE_HEADS  # query tokens per tile
     CHUNKS: tl.constexpr = (GROUP + TILE_HEADS - 1) // TILE_HEADS
     tile, req = tl.program_id(0), tl.program_id(2)
@@ -115,9 +135,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def selective_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                               k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                               scale: float | None = None) -> torch.Tensor:
+def selective_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Selective attention with the Triton kernel; same semantics as ``selective_attention_torch``.
 
     Args:
@@ -144,8 +171,10 @@ def selective_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     longest, keys_sorted = _read_offsets(q.shape[0], k_pos, cu_q, cu_k)
     interpreted = _interpreting()
     if not q.is_cuda and not interpreted:
-        raise RuntimeError("the Triton kernel got CPU tensors but the Triton interpreter is off: set "
-                           "TRITON_INTERPRET=1 in the environment (slow, for tests), or use backend='torch'")
+        raise RuntimeError(
+            "the Triton kernel got CPU tensors but the Triton interpreter is off: set "
+            "TRITON_INTERPRET=1 in the environment (slow, for tests), or use backend='torch'"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q_pos, k_pos, cu_q, cu_k = (t.contiguous() for t in (q_pos, k_pos, cu_q, cu_k))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [Nq, Hq, D]; every row is written
@@ -162,11 +191,33 @@ def _launch(q, k, v, out, q_pos, k_pos, cu_q, cu_k, scale, longest, keys_sorted,
     chunks = -(-group // tile_heads)
     grid = (-(-longest // (block_m // tile_heads)), k.shape[1] * chunks, cu_q.shape[0] - 1)
     _kernel(interpreted)[grid](
-        q, k, v, out, q_pos, k_pos, cu_q, cu_k, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, TILE_HEADS=tile_heads, KEYS_SORTED=keys_sorted, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM=q.shape[-1], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        out,
+        q_pos,
+        k_pos,
+        cu_q,
+        cu_k,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        TILE_HEADS=tile_heads,
+        KEYS_SORTED=keys_sorted,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=q.shape[-1],
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 def _config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
@@ -195,12 +246,16 @@ def _check_inputs(q, k, v, q_pos, k_pos, cu_q, cu_k) -> None:
     _check_qkv(q, k, v)
     for name, t, n in (("q_pos", q_pos, q.shape[0]), ("k_pos", k_pos, k.shape[0])):
         if t.dtype not in _INDEX_DTYPES or t.shape != (n,):
-            raise ValueError(f"{name} must be an int32/int64 vector of length {n}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an int32/int64 vector of length {n}, got {t.dtype} {tuple(t.shape)}"
+            )
     for name, t in (("cu_q", cu_q), ("cu_k", cu_k)):
         if t.dtype not in _INDEX_DTYPES or t.dim() != 1 or t.shape[0] < 1:
             raise ValueError(f"{name} must be a non-empty int32/int64 vector, got {t.dtype} {tuple(t.shape)}")
     if cu_q.shape != cu_k.shape:
-        raise ValueError(f"cu_q and cu_k must have the same length (B+1), got {cu_q.shape[0]} and {cu_k.shape[0]}")
+        raise ValueError(
+            f"cu_q and cu_k must have the same length (B+1), got {cu_q.shape[0]} and {cu_k.shape[0]}"
+        )
 
 
 def _check_qkv(q, k, v) -> None:
@@ -217,7 +272,9 @@ def _check_qkv(q, k, v) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
 
 
 def _read_offsets(n_q: int, k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[int, bool]:
@@ -230,8 +287,14 @@ def _read_offsets(n_q: int, k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch
     descent[1:n_k] = k_pos[1:] < k_pos[:-1]
     descent[cu_k.clamp(0, n_k)] = False  # a request's first key may sit below the previous request's last
     host = torch.cat([cu_q.long(), cu_k.long(), descent.any().long().view(1)]).tolist()
-    bounds_q, bounds_k = host[:cu_q.shape[0]], host[cu_q.shape[0]:-1]
+    bounds_q, bounds_k = host[: cu_q.shape[0]], host[cu_q.shape[0] : -1]
     for name, bounds, total in (("cu_q", bounds_q, n_q), ("cu_k", bounds_k, n_k)):
-        if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        if (
+            bounds[0] != 0
+            or bounds[-1] != total
+            or any(b < a for a, b in zip(bounds, bounds[1:], strict=False))
+        ):
             raise ValueError(f"{name} must start at 0, never decrease and end at {total}, got {bounds}")
-    return max(b - a for a, b in zip(bounds_q, bounds_q[1:])) if len(bounds_q) > 1 else 0, not host[-1]
+    return max(b - a for a, b in zip(bounds_q, bounds_q[1:], strict=False)) if len(
+        bounds_q
+    ) > 1 else 0, not host[-1]

@@ -6,6 +6,7 @@ blocks cannot see: tokens of a user or item block attend to the system block and
 within their own block; system tokens attend causally among themselves; fresh tokens
 (labels, query) attend causally to everything, as in the served forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,10 +26,14 @@ def block_attention_mask(layouts: list[list[tuple[str, int]]], length: int) -> t
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     for b, layout in enumerate(layouts):
         block_id = _block_ids(layout, length)  # [T], -1 for padding
-        system = torch.tensor([kind == SYSTEM for kind, n in layout for _ in range(n)] +
-                              [False] * (length - sum(n for _, n in layout)))
-        fresh_row = torch.tensor([kind in FRESH for kind, n in layout for _ in range(n)] +
-                                 [False] * (length - sum(n for _, n in layout)))
+        system = torch.tensor(
+            [kind == SYSTEM for kind, n in layout for _ in range(n)]
+            + [False] * (length - sum(n for _, n in layout))
+        )
+        fresh_row = torch.tensor(
+            [kind in FRESH for kind, n in layout for _ in range(n)]
+            + [False] * (length - sum(n for _, n in layout))
+        )
         same_block = block_id[:, None] == block_id[None, :]
         allowed = same_block | system[None, :] | fresh_row[:, None]
         masks[b, 0] = allowed & causal & (block_id[None, :] >= 0)
@@ -43,7 +48,9 @@ def with_full_attention(layout: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return [(QUERY, sum(n for _, n in layout))]
 
 
-def mixed_layouts(layouts: list[list[tuple[str, int]]], block_fraction: float, rng) -> list[list[tuple[str, int]]]:
+def mixed_layouts(
+    layouts: list[list[tuple[str, int]]], block_fraction: float, rng
+) -> list[list[tuple[str, int]]]:
     """Each prompt keeps its block layout with probability ``block_fraction``, else sees full attention."""
     if block_fraction >= 1.0:
         return layouts

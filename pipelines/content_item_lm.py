@@ -12,6 +12,7 @@ After training, the target catalogue's content embeddings are written into the i
 of a plain, untied ``LlamaForCausalLM``, which the rest of the item-lm recipe (readout, compiled
 lookup) uses unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,17 +53,27 @@ def content_features(items: list[ItemInfo], counts: np.ndarray) -> ContentFeatur
     width = max(map(len, names))
     categories = torch.full((len(items), width), CATEGORY_BUCKETS, dtype=torch.long)
     for row, cats in enumerate(names):
-        categories[row, :len(cats)] = torch.tensor([zlib.crc32(c.encode()) % CATEGORY_BUCKETS for c in cats])
-    series, part = zip(*(series_part(item.title) for item in items))
+        categories[row, : len(cats)] = torch.tensor([zlib.crc32(c.encode()) % CATEGORY_BUCKETS for c in cats])
+    series, part = zip(*(series_part(item.title) for item in items), strict=False)
     log_count = np.log1p(np.asarray(counts, dtype=np.float64))
-    bucket = np.minimum((POPULARITY_BUCKETS * log_count / max(log_count.max(), 1e-9)).astype(int), POPULARITY_BUCKETS - 1)
-    return ContentFeatures(categories, torch.tensor(part).clamp(max=MAX_PART), torch.stack([_series_code(s) for s in series]),
-                           torch.tensor(bucket), torch.tensor(log_count, dtype=torch.float32)[:, None])
+    bucket = np.minimum(
+        (POPULARITY_BUCKETS * log_count / max(log_count.max(), 1e-9)).astype(int), POPULARITY_BUCKETS - 1
+    )
+    return ContentFeatures(
+        categories,
+        torch.tensor(part).clamp(max=MAX_PART),
+        torch.stack([_series_code(s) for s in series]),
+        torch.tensor(bucket),
+        torch.tensor(log_count, dtype=torch.float32)[:, None],
+    )
 
 
 @functools.lru_cache(maxsize=65536)
 def _series_code(name: str) -> torch.Tensor:
-    code = np.random.default_rng(zlib.crc32(name.encode())).standard_normal(SERIES_CODE_DIM) / SERIES_CODE_DIM ** 0.5
+    code = (
+        np.random.default_rng(zlib.crc32(name.encode())).standard_normal(SERIES_CODE_DIM)
+        / SERIES_CODE_DIM**0.5
+    )
     return torch.tensor(code, dtype=torch.float32)
 
 
@@ -73,11 +84,20 @@ class ContentEmbeddings(torch.nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.sides = torch.nn.ModuleList(torch.nn.ModuleDict({
-            "category": torch.nn.Embedding(CATEGORY_BUCKETS + 1, hidden, padding_idx=CATEGORY_BUCKETS),
-            "part": torch.nn.Embedding(MAX_PART + 1, hidden), "popularity": torch.nn.Embedding(POPULARITY_BUCKETS, hidden),
-            "series": torch.nn.Linear(SERIES_CODE_DIM, hidden, bias=False),
-            "log_count": torch.nn.Linear(1, hidden, bias=False)}) for _ in range(2))
+        self.sides = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {
+                    "category": torch.nn.Embedding(
+                        CATEGORY_BUCKETS + 1, hidden, padding_idx=CATEGORY_BUCKETS
+                    ),
+                    "part": torch.nn.Embedding(MAX_PART + 1, hidden),
+                    "popularity": torch.nn.Embedding(POPULARITY_BUCKETS, hidden),
+                    "series": torch.nn.Linear(SERIES_CODE_DIM, hidden, bias=False),
+                    "log_count": torch.nn.Linear(1, hidden, bias=False),
+                }
+            )
+            for _ in range(2)
+        )
         for side in self.sides:
             for name in ("category", "part", "popularity"):
                 torch.nn.init.normal_(side[name].weight, std=0.1)
@@ -88,8 +108,14 @@ class ContentEmbeddings(torch.nn.Module):
     def forward(self, f: ContentFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, outputs)``, ``[N, hidden]`` each."""
         valid = (f.categories < CATEGORY_BUCKETS).sum(1, keepdim=True).clamp(min=1)
-        return tuple(side["category"](f.categories).sum(1) / valid + side["part"](f.part) + side["popularity"](f.popularity)
-                     + side["series"](f.series) + side["log_count"](f.log_count) for side in self.sides)
+        return tuple(
+            side["category"](f.categories).sum(1) / valid
+            + side["part"](f.part)
+            + side["popularity"](f.popularity)
+            + side["series"](f.series)
+            + side["log_count"](f.log_count)
+            for side in self.sides
+        )
 
 
 @dataclass(slots=True)
@@ -102,8 +128,10 @@ class Catalogue:
 
     @classmethod
     def from_sequences(cls, items: list[ItemInfo], sequences: list[list[int]]) -> Catalogue:
-        counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)]),
-                             minlength=len(items))
+        counts = np.bincount(
+            np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)]),
+            minlength=len(items),
+        )
         return cls(items, sequences, content_features(items, counts))
 
 
@@ -143,12 +171,17 @@ class ContentItemLM(torch.nn.Module):
         self.llama = LlamaForCausalLM(config)
         self.content = ContentEmbeddings(config.hidden_size)
 
-    def loss(self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Cross-entropy of every next item in ``windows`` over the catalogue's items not yet in the window."""
-        return torch.nn.functional.cross_entropy(*self.next_item_logits(catalogue, windows, pad_id, relation_ids))
+        return torch.nn.functional.cross_entropy(
+            *self.next_item_logits(catalogue, windows, pad_id, relation_ids)
+        )
 
-    def next_item_logits(self, catalogue: Catalogue, windows: list[list[int]], pad_id: int,
-                         relation_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_item_logits(
+        self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [T, items], targets [T])`` of every item in ``windows`` (in window order), predicted
         at the token before its line: its own relation marker says how it follows, so it is not seen.
         Items already in the window are masked."""
@@ -162,7 +195,9 @@ class ContentItemLM(torch.nn.Module):
         b, t = torch.nonzero(is_item[:, 1:] & (mask[:, 1:] > 0), as_tuple=True)  # item at t + 1
         targets = rows[b, t + 1]
         before = t - torch.isin(ids[b, t], relation_ids).long()  # skip the item's own marker
-        logits = (hidden[b, before] @ outputs.T).masked_fill(_earlier_items(b, targets, logits_width=len(outputs)), -1e4)
+        logits = (hidden[b, before] @ outputs.T).masked_fill(
+            _earlier_items(b, targets, logits_width=len(outputs)), -1e4
+        )
         return logits, targets
 
     @torch.no_grad()
@@ -179,17 +214,22 @@ def synthetic_catalogues(count: int, first_seed: int = 1000) -> list[Catalogue]:
     """``count`` worlds of the package's synthetic generator (default sizes, seeds ``first_seed``,
     ``first_seed + 1``, ...): other items, titles and users, the same mechanism. Every user's whole
     sequence is training data (none of it is evaluated)."""
-    import polars as pl
 
     from rcllm_sdk.data.synthetic import SyntheticConfig, generate
 
     catalogues = []
-    for seed in tqdm(range(first_seed, first_seed + count), desc="generate pretraining worlds", disable=count < 2):
+    for seed in tqdm(
+        range(first_seed, first_seed + count), desc="generate pretraining worlds", disable=count < 2
+    ):
         interactions, items = generate(SyntheticConfig(seed=seed))
         row = {int(i): n for n, i in enumerate(items["item_id"])}
         infos = [ItemInfo(*r) for r in items.select("item_id", "title", "category", "text").iter_rows()]
-        sequences = interactions.sort("user_id", "timestamp").group_by("user_id", maintain_order=True).agg("item_id")
-        catalogues.append(Catalogue.from_sequences(infos, [[row[i] for i in s] for s in sequences["item_id"]]))
+        sequences = (
+            interactions.sort("user_id", "timestamp").group_by("user_id", maintain_order=True).agg("item_id")
+        )
+        catalogues.append(
+            Catalogue.from_sequences(infos, [[row[i] for i in s] for s in sequences["item_id"]])
+        )
     return catalogues
 
 
@@ -199,14 +239,20 @@ def _earlier_items(window: torch.Tensor, targets: torch.Tensor, logits_width: in
     lists them)."""
     seen = torch.zeros(len(targets), logits_width, dtype=torch.bool)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(window).cumsum(0)])
-    for start, end in zip(starts[:-1].tolist(), starts[1:].tolist()):
+    for start, end in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=False):
         later, earlier = torch.tril_indices(end - start, end - start, -1)
         seen[start + later, targets[start + earlier]] = True
     return seen
 
 
-def train_content_item_lm(target: Catalogue, pretrain: list[Catalogue], windows: ContentWindows, config,
-                          model_config: LlamaConfig, progress: bool = True):
+def train_content_item_lm(
+    target: Catalogue,
+    pretrain: list[Catalogue],
+    windows: ContentWindows,
+    config,
+    model_config: LlamaConfig,
+    progress: bool = True,
+):
     """Train a :class:`ContentItemLM` on ``config.steps`` batches, each of ``config.batch_size`` windows
     of one catalogue drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
     on held-out target sequences. Returns ``(ContentItemLM, losses, record)``."""
@@ -224,6 +270,11 @@ def train_content_item_lm(target: Catalogue, pretrain: list[Catalogue], windows:
         batch = sample_windows(catalogue.sequences, functools.partial(windows.encode, catalogue), config, rng)
         return model.loss(catalogue, batch, pad_id, relation_ids)
 
-    validation_loss = lambda: mean_loss(model, lambda part: model.loss(target, part, pad_id, relation_ids),  # noqa: E731
-                                        validation)
-    return fit_item_lm(model, next_loss, validation_loss if validation else None, config, "content item LM", progress)
+    validation_loss = lambda: mean_loss(
+        model,
+        lambda part: model.loss(target, part, pad_id, relation_ids),  # noqa: E731
+        validation,
+    )
+    return fit_item_lm(
+        model, next_loss, validation_loss if validation else None, config, "content item LM", progress
+    )

@@ -1,4 +1,5 @@
 """Training examples for the verbalizer objective, built exactly as serving builds prompts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,13 @@ class Example:
     target: int  # index of the true next item in ``candidates``
 
 
-def build_examples(groups: list[tuple[list[list[int]], Retriever]], k: int, min_history: int = 2,
-                   max_examples: int = 20_000, seed: int = 0) -> tuple[list[Example], dict]:
+def build_examples(
+    groups: list[tuple[list[list[int]], Retriever]],
+    k: int,
+    min_history: int = 2,
+    max_examples: int = 20_000,
+    seed: int = 0,
+) -> tuple[list[Example], dict]:
     """One example per (user, position) whose true next item the group's retriever put in its top ``k``.
 
     ``groups`` pairs training sequences with the retriever that proposes their candidates;
@@ -29,8 +35,12 @@ def build_examples(groups: list[tuple[list[list[int]], Retriever]], k: int, min_
     counted: they teach nothing about ranking the candidates the server will show.
     """
     rng = np.random.default_rng(seed)
-    pairs = [(g, u, t) for g, (seqs, _) in enumerate(groups) for u, seq in enumerate(seqs)
-             for t in range(min_history, len(seq))]
+    pairs = [
+        (g, u, t)
+        for g, (seqs, _) in enumerate(groups)
+        for u, seq in enumerate(seqs)
+        for t in range(min_history, len(seq))
+    ]
     rng.shuffle(pairs)
     examples, missed = [], 0
     for g, u, t in pairs:
@@ -44,8 +54,11 @@ def build_examples(groups: list[tuple[list[list[int]], Retriever]], k: int, min_
             continue
         examples.append(Example(tuple(history), tuple(candidates), candidates.index(truth)))
     looked = len(examples) + missed
-    return examples, {"examples": len(examples), "retriever_missed": missed,
-                      "retriever_hit_rate": len(examples) / max(looked, 1)}
+    return examples, {
+        "examples": len(examples),
+        "retriever_missed": missed,
+        "retriever_hit_rate": len(examples) / max(looked, 1),
+    }
 
 
 class BlockEncoder:
@@ -67,7 +80,9 @@ class BlockEncoder:
     def _item(self, item_id: int) -> list[int]:
         if item_id not in self._items:
             i = self.catalog[item_id]
-            self._items[item_id] = self._ids(self.template.item_line(i.item_id, i.title, i.category, i.text, True))
+            self._items[item_id] = self._ids(
+                self.template.item_line(i.item_id, i.title, i.category, i.text, True)
+            )
         return self._items[item_id]
 
     def encode(self, example: Example) -> tuple[list[int], tuple[int, int]]:
@@ -79,9 +94,9 @@ class BlockEncoder:
     def encode_blocks(self, example: Example) -> tuple[list[int], list[tuple[str, int]]]:
         """Prompt ids and the ``(kind, n_tokens)`` of each block, in prompt order."""
         t = self.template
-        user = self._ids(t.user_text([self.catalog[i] for i in example.history[-t.max_history:]]))
+        user = self._ids(t.user_text([self.catalog[i] for i in example.history[-t.max_history :]]))
         parts = [(SYSTEM, self._fixed[t.system]), (USER, user)]
-        for label, item in zip(self._labels, example.candidates):
+        for label, item in zip(self._labels, example.candidates, strict=False):
             parts += [(LABEL, label), (ITEM, self._item(item))]
         parts.append((QUERY, self._fixed[t.query]))
         return [i for _, ids in parts for i in ids], [(kind, len(ids)) for kind, ids in parts]
@@ -89,6 +104,11 @@ class BlockEncoder:
 
 def encode(example: Example, catalog: dict[int, ItemInfo], template: PromptTemplate, tokenizer) -> list[int]:
     """Reference encoding through the renderer (what serving does)."""
-    prompt = render([catalog[i] for i in example.history], [catalog[i] for i in example.candidates],
-                    template, tokenizer, fingerprint="train")
+    prompt = render(
+        [catalog[i] for i in example.history],
+        [catalog[i] for i in example.candidates],
+        template,
+        tokenizer,
+        fingerprint="train",
+    )
     return prompt.input_ids

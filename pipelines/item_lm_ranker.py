@@ -24,6 +24,7 @@ same histories beats the retriever on MovieLens-1M. This recipe therefore
 The result is a plain ``LlamaForCausalLM`` on which every serving mode runs; the label logits
 rank candidates by ``tau * logit + b[label]`` (logits proportional to its softmax).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,24 +45,38 @@ from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.prompt.template import NEXT_MARKER
 from rcllm_sdk.retrieval import Retriever
 
-from .positional import positional_weights
 from .examples import BlockEncoder, build_examples
+from .positional import positional_weights
 from .train import lr_factor, take_step, tokenizer_corpus
 
 
-def item_lm_template(max_history: int = 20, item_text_words: int = 0, relation_markers: bool = False) -> PromptTemplate:
+def item_lm_template(
+    max_history: int = 20, item_text_words: int = 0, relation_markers: bool = False
+) -> PromptTemplate:
     """Compact prompts (one item token per line; candidates' blocks may add description words) whose
     user block ends with the marker; content item LMs also mark each line's relation to the one before."""
-    return PromptTemplate(titles=False, categories=False, history_footer=f"{NEXT_MARKER}\n",
-                          max_history=max_history, item_text_words=item_text_words, relation_markers=relation_markers)
+    return PromptTemplate(
+        titles=False,
+        categories=False,
+        history_footer=f"{NEXT_MARKER}\n",
+        max_history=max_history,
+        item_text_words=item_text_words,
+        relation_markers=relation_markers,
+    )
 
 
-ROPE_THETA = 1e6  # the compiled layers match content through the slowest rotary pair, nearly still at this base
+ROPE_THETA = (
+    1e6  # the compiled layers match content through the slowest rotary pair, nearly still at this base
+)
 ITEM_LM_SHAPES = {  # size preset -> (hidden, layers, heads, intermediate); heads of 32 dimensions
-    "micro": (64, 2, 2, 128), "small": (128, 2, 4, 256), "base": (256, 4, 8, 512)}
+    "micro": (64, 2, 2, 128),
+    "small": (128, 2, 4, 256),
+    "base": (256, 4, 8, 512),
+}
 
 
 # ---------------------------------------------------------------- 1. the item LM over user blocks
+
 
 class UserBlockWindows:
     """Token ids of training windows: system block, user block over ``items[s:s+n]`` ending with the
@@ -87,18 +102,29 @@ class UserBlockWindows:
 def item_lm_config(tokenizer, size: str, tie: bool) -> LlamaConfig:
     """The item LM's shape (``ITEM_LM_SHAPES[size]``) over ``tokenizer``'s vocabulary."""
     hidden, layers, heads, intermediate = ITEM_LM_SHAPES[size]
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=4096, rope_theta=ROPE_THETA, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        rope_theta=ROPE_THETA,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie,
+    )
 
 
 VALIDATION_SHARE = 20  # with early stopping, a seeded random 1/20 of the training sequences is held out
 MAX_VALIDATION_WINDOWS = 512
 
 
-def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
-                  progress: bool = True) -> tuple[LlamaForCausalLM, list[float], dict]:
+def train_item_lm(
+    sequences: list[list[int]], windows: UserBlockWindows, config, progress: bool = True
+) -> tuple[LlamaForCausalLM, list[float], dict]:
     """A Llama (shape ``ITEM_LM_SHAPES[config.size]``) trained on next-item prediction inside user
     blocks: at every history line's end and at the marker, cross-entropy over the item tokens only
     (text tokens are never targets). ``config`` is a ``TrainConfig``: ``steps`` x ``batch_size``
@@ -114,13 +140,19 @@ def train_item_lm(sequences: list[list[int]], windows: UserBlockWindows, config,
     train, validation = validation_split(sequences, windows.encode, config)
     loss_of = _ItemLoss(windows)
     rng = np.random.default_rng(config.seed)
-    return fit_item_lm(model, lambda: loss_of(model, sample_windows(train, windows.encode, config, rng)),
-                       (lambda: loss_of.evaluate(model, validation)) if validation else None,
-                       config, "item LM", progress)
+    return fit_item_lm(
+        model,
+        lambda: loss_of(model, sample_windows(train, windows.encode, config, rng)),
+        (lambda: loss_of.evaluate(model, validation)) if validation else None,
+        config,
+        "item LM",
+        progress,
+    )
 
 
-def fit_item_lm(model, next_loss, validation_loss, config, name: str,
-                progress: bool) -> tuple[torch.nn.Module, list[float], dict]:
+def fit_item_lm(
+    model, next_loss, validation_loss, config, name: str, progress: bool
+) -> tuple[torch.nn.Module, list[float], dict]:
     """``config.steps`` optimiser steps on ``next_loss()`` (AdamW, warm-up and cosine schedule).
     With ``validation_loss`` (None: no validation), early stopping: checked every ``steps // 20``
     steps (at least 25), stop after ``config.item_lm_patience`` checks without a lower loss and
@@ -137,7 +169,9 @@ def fit_item_lm(model, next_loss, validation_loss, config, name: str,
                 break
     bar.close()
     if progress and validation_loss:
-        print(f"{name}: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}")
+        print(
+            f"{name}: {step + 1} steps run; best validation loss {stopper.best:.4f} at step {stopper.best_step}"
+        )
     return stopper.restore(model).eval(), losses, stopper.summary(step + 1)
 
 
@@ -149,7 +183,7 @@ def sample_windows(sequences: list[list], encode, config, rng) -> list[list[int]
         seq = sequences[n]
         length = min(config.item_lm_window, len(seq) - 1)
         start = int(rng.integers(0, len(seq) - length))
-        batch.append(encode(seq[start:start + length], seq[start + length]))
+        batch.append(encode(seq[start : start + length], seq[start + length]))
     return batch
 
 
@@ -162,8 +196,14 @@ def validation_split(sequences: list[list], encode, config) -> tuple[list, list]
         raise ValueError("no training sequence has two or more items")
     if config.item_lm_patience <= 0 or len(usable) < VALIDATION_SHARE:
         return usable, []
-    held = set(np.random.default_rng(config.seed).permutation(len(usable))[: len(usable) // VALIDATION_SHARE].tolist())
-    last_windows = [encode(s[-config.item_lm_window - 1:-1], s[-1]) for n, s in enumerate(usable) if n in held]
+    held = set(
+        np.random.default_rng(config.seed)
+        .permutation(len(usable))[: len(usable) // VALIDATION_SHARE]
+        .tolist()
+    )
+    last_windows = [
+        encode(s[-config.item_lm_window - 1 : -1], s[-1]) for n, s in enumerate(usable) if n in held
+    ]
     return [s for n, s in enumerate(usable) if n not in held], last_windows[:MAX_VALIDATION_WINDOWS]
 
 
@@ -171,8 +211,10 @@ def validation_split(sequences: list[list], encode, config) -> tuple[list, list]
 def mean_loss(model, loss_of_batch, windows: list[list[int]], batch: int = 128) -> float:
     """Window-weighted mean of ``loss_of_batch`` over ``windows``, in eval mode."""
     model.eval()
-    total = sum(float(loss_of_batch(windows[n:n + batch])) * len(windows[n:n + batch])
-                for n in range(0, len(windows), batch))
+    total = sum(
+        float(loss_of_batch(windows[n : n + batch])) * len(windows[n : n + batch])
+        for n in range(0, len(windows), batch)
+    )
     model.train()
     return total / len(windows)
 
@@ -227,24 +269,30 @@ class _EarlyStopping:
     def summary(self, steps_run: int) -> dict:
         if not self.history:
             return {"item_lm_steps_run": steps_run}
-        return {"item_lm_steps_run": steps_run, "item_lm_best_step": self.best_step,
-                "item_lm_validation_loss": round(self.best, 4), "item_lm_validation_history": self.history}
+        return {
+            "item_lm_steps_run": steps_run,
+            "item_lm_best_step": self.best_step,
+            "item_lm_validation_loss": round(self.best, 4),
+            "item_lm_validation_history": self.history,
+        }
 
 
 @torch.no_grad()
-def marker_predictions(model: LlamaForCausalLM, prompts: list[list[int]], marker_id: int,
-                       batch: int = 128) -> torch.Tensor:
+def marker_predictions(
+    model: LlamaForCausalLM, prompts: list[list[int]], marker_id: int, batch: int = 128
+) -> torch.Tensor:
     """Final-norm hidden state at the marker of each prompt: ``[N, hidden]`` (its item logits are
     this times the output embeddings)."""
     out = []
     for n in range(0, len(prompts), batch):
-        ids, mask, lengths = pad_batch([p[: p.index(marker_id) + 1] for p in prompts[n:n + batch]], 0)
+        ids, mask, lengths = pad_batch([p[: p.index(marker_id) + 1] for p in prompts[n : n + batch]], 0)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         out.append(at_last_token(hidden, lengths))
     return torch.cat(out)
 
 
 # ---------------------------------------------------------------- 2. the readout (K + 1 weights)
+
 
 def score_basis(model: LlamaForCausalLM, item_token_ids: torch.Tensor, rank: int) -> torch.Tensor:
     """``[hidden, rank]`` orthonormal basis of the item output embeddings' top singular directions:
@@ -253,13 +301,16 @@ def score_basis(model: LlamaForCausalLM, item_token_ids: torch.Tensor, rank: int
     return torch.linalg.svd(out, full_matrices=False)[2][:rank].T.float()
 
 
-def candidate_scores(model, prompts: list[list[int]], candidate_tokens: list[list[int]], marker_id: int,
-                     basis: torch.Tensor) -> torch.Tensor:
+def candidate_scores(
+    model, prompts: list[list[int]], candidate_tokens: list[list[int]], marker_id: int, basis: torch.Tensor
+) -> torch.Tensor:
     """``[N, K]`` rank-R item-LM logits of each prompt's candidates, read at the marker."""
     return _scores_of((marker_predictions(model, prompts, marker_id) @ basis), model, candidate_tokens, basis)
 
 
-def _scores_of(predictions: torch.Tensor, model, candidate_tokens: list[list[int]], basis: torch.Tensor) -> torch.Tensor:
+def _scores_of(
+    predictions: torch.Tensor, model, candidate_tokens: list[list[int]], basis: torch.Tensor
+) -> torch.Tensor:
     """``[N, K]`` scores from projected marker predictions ``[N, R]``."""
     keys = model.lm_head.weight.detach()[torch.tensor(candidate_tokens)] @ basis  # [N, K, R]
     return torch.einsum("nr,nkr->nk", predictions, keys)
@@ -280,6 +331,7 @@ def fit_readout(scores: torch.Tensor, targets: torch.Tensor, steps: int = 500) -
 
 
 # ---------------------------------------------------------------- 3. compiling the lookup
+
 
 @dataclass(slots=True, frozen=True)
 class Layout:
@@ -349,13 +401,23 @@ GATHER_SCORE = 30.0  # attention score of the marker over other tokens, at the l
 BIND_MARGIN = 30.0  # positional score margin of the label binding (two tokens back vs elsewhere)
 SINK = 30.0  # score of the system block's first token in the binding head: where unbound tokens rest
 ROBUST = 10.0  # the gather and binding scores hold for residual norms up to this many times the calibration's
-SMALL = 1e-3  # size of the extra embedding features relative to an item embedding (the item LM barely sees them)
+SMALL = (
+    1e-3  # size of the extra embedding features relative to an item embedding (the item LM barely sees them)
+)
 SPAN = 100.0  # how far the bound label dominates everything else in a candidate's residual
 
 
 @torch.no_grad()
-def compile_ranker(base: LlamaForCausalLM, tokenizer, template: PromptTemplate, tau: float, bias: np.ndarray,
-                   basis: torch.Tensor, item_token_ids: torch.Tensor, calibration: list[list[int]]) -> LlamaForCausalLM:
+def compile_ranker(
+    base: LlamaForCausalLM,
+    tokenizer,
+    template: PromptTemplate,
+    tau: float,
+    bias: np.ndarray,
+    basis: torch.Tensor,
+    item_token_ids: torch.Tensor,
+    calibration: list[list[int]],
+) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` whose label logits at a prompt's last token rank the candidates by
     ``tau * s + bias[label]``, ``s`` the item LM's rank-R logit of the candidate after the user
     block (module docstring). ``calibration`` prompts (rendered with ``template``) set the scales
@@ -370,16 +432,31 @@ def compile_ranker(base: LlamaForCausalLM, tokenizer, template: PromptTemplate, 
     marker = tokenizer.convert_tokens_to_ids(NEXT_MARKER)
     heads = max(cfg.num_attention_heads, gather_heads + 1)
     layout = Layout(cfg.hidden_size, k, rank, multiple=heads)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=layout.width, intermediate_size=max(cfg.intermediate_size, 2 * rank),
-        num_hidden_layers=cfg.num_hidden_layers + 2, num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=head_dim, max_position_embeddings=cfg.max_position_embeddings, rope_theta=_rope_theta(cfg),
-        rms_norm_eps=cfg.rms_norm_eps * cfg.hidden_size / layout.width,  # the same eps per item-LM dimension
-        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=layout.width,
+            intermediate_size=max(cfg.intermediate_size, 2 * rank),
+            num_hidden_layers=cfg.num_hidden_layers + 2,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_theta=_rope_theta(cfg),
+            rms_norm_eps=cfg.rms_norm_eps
+            * cfg.hidden_size
+            / layout.width,  # the same eps per item-LM dimension
+            pad_token_id=cfg.pad_token_id,
+            bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_id,
+            tie_word_embeddings=False,
+        )
+    )
     for p in model.parameters():
         p.zero_()
-    sink = calibration[0][0]  # every prompt, and every block's canonical context, starts with the system block
+    sink = calibration[0][
+        0
+    ]  # every prompt, and every block's canonical context, starts with the system block
     key_scale = _copy_item_lm(base, model, layout, labels, marker, sink, basis, item_token_ids)
     norms = _residual_norms(model, calibration, cfg.num_hidden_layers, marker, labels, item_token_ids)
     _set_gather(model, base, layout, basis, norms, gather_heads, head_dim)
@@ -388,7 +465,9 @@ def compile_ranker(base: LlamaForCausalLM, tokenizer, template: PromptTemplate, 
     s = _scores_of(predictions, base, [_candidate_tokens(p, labels) for p in calibration], basis)
     score_unit = float(norms["candidate"].max()) / float(s.abs().max())  # SCORE = score_unit * s
     _set_product(model, layout, bound, score_unit, key_scale)
-    final = _residual_norms(model, calibration, cfg.num_hidden_layers + 1, marker, labels, item_token_ids)["final"]
+    final = _residual_norms(model, calibration, cfg.num_hidden_layers + 1, marker, labels, item_token_ids)[
+        "final"
+    ]
     _set_lookup(model, layout, tau, bias, bound, score_unit, float(final.median()), head_dim, labels)
     return model.eval()
 
@@ -398,8 +477,16 @@ def _rope_theta(cfg) -> float:
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
-def _copy_item_lm(base, model, layout: Layout, labels: list[int], marker: int, sink: int, basis: torch.Tensor,
-                  item_token_ids: torch.Tensor) -> float:
+def _copy_item_lm(
+    base,
+    model,
+    layout: Layout,
+    labels: list[int],
+    marker: int,
+    sink: int,
+    basis: torch.Tensor,
+    item_token_ids: torch.Tensor,
+) -> float:
     """The item LM's layers, embeddings and head in the first ``hidden`` dimensions, with RMSNorm
     weights rescaled so that its hidden states are unchanged by the (small) extra dimensions;
     embedding extras: CONST everywhere, MARK on the marker, SINK on the system block's first token,
@@ -423,7 +510,7 @@ def _copy_item_lm(base, model, layout: Layout, labels: list[int], marker: int, s
     emb[labels, layout.label_flag] = big
     for j, token in enumerate(labels):
         emb[token, layout.label_src.start + j] = big
-    for src, dst in zip(base.model.layers, model.model.layers):
+    for src, dst in zip(base.model.layers, model.model.layers, strict=False):
         _copy_layer(src, dst, h, rescale)
     model.model.norm.weight[:h] = base.model.norm.weight * rescale
     model.model.norm.weight[layout.out] = 1.0
@@ -453,15 +540,18 @@ def _candidate_tokens(prompt: list[int], labels: list[int]) -> list[int]:
     return [prompt[p + 2] for p in positions[: len(labels)]]
 
 
-def _residual_norms(model, prompts: list[list[int]], layer: int, marker: int, labels: list[int],
-                    item_token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _residual_norms(
+    model, prompts: list[list[int]], layer: int, marker: int, labels: list[int], item_token_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Norms of the residual stream entering ``layer`` at markers, candidates' item tokens, label
     tokens and last tokens of ``prompts`` (a forward with the compiled layers as they are now)."""
     captured = []
-    hook = model.model.layers[layer].input_layernorm.register_forward_pre_hook(lambda _, x: captured.append(x[0]))
+    hook = model.model.layers[layer].input_layernorm.register_forward_pre_hook(
+        lambda _, x: captured.append(x[0])
+    )
     try:
         for n in range(0, len(prompts), 64):
-            ids, mask, _ = pad_batch(prompts[n:n + 64], 0)
+            ids, mask, _ = pad_batch(prompts[n : n + 64], 0)
             model.model(input_ids=ids, attention_mask=mask)
     finally:
         hook.remove()
@@ -478,8 +568,9 @@ def _residual_norms(model, prompts: list[list[int]], layer: int, marker: int, la
     return {name: torch.stack(v) for name, v in found.items()}
 
 
-def _set_gather(model, base, layout: Layout, basis: torch.Tensor, norms: dict, gather_heads: int,
-                head_dim: int) -> None:
+def _set_gather(
+    model, base, layout: Layout, basis: torch.Tensor, norms: dict, gather_heads: int, head_dim: int
+) -> None:
     """Layer L's first heads: every token attends to the marker (CONST query, MARK key, in the
     slowest rotary pair, so distance does not matter) and copies ``basis^T norm(x_marker)`` into
     PRED — the item LM's final-norm state, projected."""
@@ -530,8 +621,9 @@ def _set_binding(model, layout: Layout, norms: dict, head: int, head_dim: int, p
     phase = -2 * freqs
     base, slow = head * head_dim, head * head_dim + half - 1
     attn.q_proj.weight[base:slow, layout.item_flag] = weights.sign() * amplitude * torch.cos(phase) / flag
-    attn.q_proj.weight[base + half:base + head_dim - 1, layout.item_flag] = \
+    attn.q_proj.weight[base + half : base + head_dim - 1, layout.item_flag] = (
         weights.sign() * amplitude * torch.sin(phase) / flag
+    )
     attn.k_proj.weight[base:slow, layout.label_flag] = amplitude / label_key
     gain = math.sqrt(SINK * math.sqrt(head_dim) / (const * sink_key))
     attn.q_proj.weight[slow, layout.const] = gain
@@ -551,7 +643,7 @@ def _set_product(model, layout: Layout, bound: float, score_unit: float, key_sca
     layer = model.model.layers[len(model.model.layers) - 2]
     layer.post_attention_layernorm.weight[:] = 1.0
     mlp = layer.mlp
-    scale = score_unit * bound ** 2 / (layout.width * key_scale)  # undoes RMSNorm's 1/bound on both factors
+    scale = score_unit * bound**2 / (layout.width * key_scale)  # undoes RMSNorm's 1/bound on both factors
     for r in range(layout.rank):
         for sign, neuron in ((1.0, 2 * r), (-1.0, 2 * r + 1)):
             mlp.gate_proj.weight[neuron, layout.pred.start + r] = sign
@@ -559,8 +651,17 @@ def _set_product(model, layout: Layout, bound: float, score_unit: float, key_sca
             mlp.down_proj.weight[layout.score, neuron] = scale
 
 
-def _set_lookup(model, layout: Layout, tau: float, bias: np.ndarray, bound: float, score_unit: float,
-                final_norm: float, head_dim: int, labels: list[int]) -> None:
+def _set_lookup(
+    model,
+    layout: Layout,
+    tau: float,
+    bias: np.ndarray,
+    bound: float,
+    score_unit: float,
+    final_norm: float,
+    head_dim: int,
+    labels: list[int],
+) -> None:
     """Layer L+1: the last token attends to candidates with score ``tau * s + bias[label] + gate``
     and copies their one-hot labels into OUT; the label tokens' logits read OUT. A candidate's
     LABEL dominates its norm, so its normalised LABEL is ``unit`` whatever else it holds; other
@@ -571,7 +672,9 @@ def _set_lookup(model, layout: Layout, tau: float, bias: np.ndarray, bound: floa
     attn, slow = layer.self_attn, head_dim // 2 - 1
     unit = math.sqrt(layout.width)  # a coordinate's RMSNorm when it dominates its residual
     query = float(model.model.embed_tokens.weight[0, layout.const]) * unit / final_norm
-    attn.q_proj.weight[slow, layout.const] = math.sqrt(head_dim) / query  # score = key at a typical last token
+    attn.q_proj.weight[slow, layout.const] = (
+        math.sqrt(head_dim) / query
+    )  # score = key at a typical last token
     gate = abs(tau) * bound / score_unit + float(np.abs(bias).max()) + 50.0
     attn.k_proj.weight[slow, layout.score] = tau * bound / (score_unit * unit)
     for j in range(layout.k):
@@ -584,18 +687,28 @@ def _set_lookup(model, layout: Layout, tau: float, bias: np.ndarray, bound: floa
 
 # ---------------------------------------------------------------- the recipe
 
-def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[int, ItemInfo],
-                         out_dir: str | Path, config, template: PromptTemplate | None = None,
-                         progress: bool = True) -> tuple[Ranker, dict]:
+
+def train_item_lm_ranker(
+    groups: list[tuple[list[list[int]], Retriever]],
+    catalog: dict[int, ItemInfo],
+    out_dir: str | Path,
+    config,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+) -> tuple[Ranker, dict]:
     """``rcllm train --recipe item-lm``: train the item LM on every training sequence, fit the readout
     on the cross-fitted examples, compile, check the compiled model against the readout on held-out
     examples, and save (HF format, like any ranker). Returns the ranker and a summary."""
     started = time.perf_counter()
     content = config.item_features == "content"
     template = template or item_lm_template(item_text_words=config.item_text_words, relation_markers=content)
-    if template.relation_markers != content:  # the id item LM's windows carry no markers; the content one needs them
+    if (
+        template.relation_markers != content
+    ):  # the id item LM's windows carry no markers; the content one needs them
         raise ValueError("relation markers in the template go with item_features='content', and only with it")
-    tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
+    tokenizer = train_tokenizer(
+        tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size
+    )
     windows = UserBlockWindows(catalog, template, tokenizer)
     _check_labels_unused(windows, tokenizer, template, config.candidates)
     sequences = [seq for group, _ in groups for seq in group]
@@ -603,10 +716,14 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
         base, losses, stopping = _train_content_item_lm(sequences, catalog, windows, config, progress)
     else:
         base, losses, stopping = train_item_lm(sequences, windows, config, progress)
-    examples, stats = build_examples(groups, config.candidates, max_examples=config.max_examples, seed=config.seed)
+    examples, stats = build_examples(
+        groups, config.candidates, max_examples=config.max_examples, seed=config.seed
+    )
     examples = [e for e in examples if len(e.candidates) == config.candidates]  # the readout has K positions
     if len(examples) < 2:
-        raise ValueError("fewer than two training examples: the retriever never ranked a true next item in its top-K")
+        raise ValueError(
+            "fewer than two training examples: the retriever never ranked a true next item in its top-K"
+        )
     encoder = BlockEncoder(catalog, template, tokenizer)
     prompts = [encoder.encode(e)[0] for e in examples]
     labels = label_token_ids(tokenizer, template.labels[: config.candidates])
@@ -616,28 +733,60 @@ def train_item_lm_ranker(groups: list[tuple[list[list[int]], Retriever]], catalo
     held_out = max(1, min(256, len(examples) // 10))  # checks the compiled model; not used to fit
     targets = torch.tensor([e.target for e in examples])
     tau, bias = fit_readout(scores[held_out:], targets[held_out:])
-    readout_loss = float(torch.nn.functional.cross_entropy(tau * scores[held_out:] + torch.tensor(bias),
-                                                           targets[held_out:]))
-    model = compile_ranker(base, tokenizer, template, tau, bias, basis, windows.item_token_ids,
-                           prompts[held_out:held_out + 256])
-    agreement = compiled_agreement(model, prompts[:held_out], tau * scores[:held_out] + torch.tensor(bias), labels,
-                                   tokenizer.pad_token_id)
+    readout_loss = float(
+        torch.nn.functional.cross_entropy(tau * scores[held_out:] + torch.tensor(bias), targets[held_out:])
+    )
+    model = compile_ranker(
+        base,
+        tokenizer,
+        template,
+        tau,
+        bias,
+        basis,
+        windows.item_token_ids,
+        prompts[held_out : held_out + 256],
+    )
+    agreement = compiled_agreement(
+        model,
+        prompts[:held_out],
+        tau * scores[:held_out] + torch.tensor(bias),
+        labels,
+        tokenizer.pad_token_id,
+    )
     if agreement < 0.95:
-        warnings.warn(f"the compiled ranker's top candidate matches the readout's on only {agreement:.0%} of "
-                      "held-out examples; its scales may not suit this item LM (please report it)", stacklevel=2)
+        warnings.warn(
+            f"the compiled ranker's top candidate matches the readout's on only {agreement:.0%} of "
+            "held-out examples; its scales may not suit this item LM (please report it)",
+            stacklevel=2,
+        )
     ranker = Ranker(model, tokenizer, template, fingerprint="unsaved")
-    summary = {**stats, "final_loss": readout_loss, "item_lm_final_loss": float(np.mean(losses[-20:])),
-               "readout_tau": tau, "readout_bias": [round(float(b), 4) for b in bias],
-               "compiled_top1_agreement": agreement, "train_seconds": time.perf_counter() - started, **stopping,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               **{k: v for k, v in asdict(config).items() if k not in ("block_aware", "block_aware_fraction",
-                                                                        "history_lm_weight", "shuffle_candidates")}}
+    summary = {
+        **stats,
+        "final_loss": readout_loss,
+        "item_lm_final_loss": float(np.mean(losses[-20:])),
+        "readout_tau": tau,
+        "readout_bias": [round(float(b), 4) for b in bias],
+        "compiled_top1_agreement": agreement,
+        "train_seconds": time.perf_counter() - started,
+        **stopping,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **{
+            k: v
+            for k, v in asdict(config).items()
+            if k not in ("block_aware", "block_aware_fraction", "history_lm_weight", "shuffle_candidates")
+        },
+    }
     save_ranker(ranker, out_dir, training=summary)
     return ranker, summary
 
 
-def _train_content_item_lm(sequences: list[list[int]], catalog: dict[int, ItemInfo], windows: UserBlockWindows,
-                           config, progress: bool) -> tuple[LlamaForCausalLM, list[float], dict]:
+def _train_content_item_lm(
+    sequences: list[list[int]],
+    catalog: dict[int, ItemInfo],
+    windows: UserBlockWindows,
+    config,
+    progress: bool,
+) -> tuple[LlamaForCausalLM, list[float], dict]:
     """``--item-features content``: train on the target catalogue (and ``config.pretrain_worlds``
     synthetic ones), then write the target's content embeddings into its item tokens' rows."""
     from .content_item_lm import Catalogue, ContentWindows, synthetic_catalogues, train_content_item_lm
@@ -645,9 +794,14 @@ def _train_content_item_lm(sequences: list[list[int]], catalog: dict[int, ItemIn
     row = {item: n for n, item in enumerate(catalog)}  # the order of windows.item_token_ids
     target = Catalogue.from_sequences(list(catalog.values()), [[row[i] for i in s] for s in sequences])
     pretrain = synthetic_catalogues(config.pretrain_worlds)
-    model, losses, record = train_content_item_lm(target, pretrain, ContentWindows(windows.template, windows.tokenizer),
-                                                  config, item_lm_config(windows.tokenizer, config.size, tie=False),
-                                                  progress)
+    model, losses, record = train_content_item_lm(
+        target,
+        pretrain,
+        ContentWindows(windows.template, windows.tokenizer),
+        config,
+        item_lm_config(windows.tokenizer, config.size, tie=False),
+        progress,
+    )
     return model.materialize(target, windows.item_token_ids).eval(), losses, record
 
 
@@ -657,12 +811,16 @@ def _check_labels_unused(windows: UserBlockWindows, tokenizer, template: PromptT
     used = {t for line in windows._lines.values() for t in line} | set(windows._head) | set(windows._footer)
     clash = labels & used
     if clash:
-        raise ValueError(f"label tokens {tokenizer.convert_ids_to_tokens(sorted(clash))} occur in history lines; "
-                         "the item-lm recipe needs labels that appear nowhere else")
+        raise ValueError(
+            f"label tokens {tokenizer.convert_ids_to_tokens(sorted(clash))} occur in history lines; "
+            "the item-lm recipe needs labels that appear nowhere else"
+        )
 
 
 @torch.no_grad()
-def compiled_agreement(model, prompts: list[list[int]], expected: torch.Tensor, labels: list[int], pad_id: int) -> float:
+def compiled_agreement(
+    model, prompts: list[list[int]], expected: torch.Tensor, labels: list[int], pad_id: int
+) -> float:
     """Share of ``prompts`` whose top label by the compiled model's logits is the top of ``expected``."""
     got = torch.stack(score_full(model, prompts, [labels] * len(prompts), pad_id))
     return float((got.argmax(1) == expected.argmax(1)).float().mean())

@@ -3,6 +3,7 @@
 Used by the item-LM recipe's compiled label lookup (a positional head that reads the token a
 fixed number of places back).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Refresh the block KV cache of an ingested repo (``rcllm refresh``): every item block and
 the history blocks of the active users, computed by the serving model into the serving store."""
+
 from __future__ import annotations
 
 import logging
@@ -27,17 +28,29 @@ def active_histories(repo: Path, active_days: float | None) -> list[list[int]]:
     return [list(ids) for ids in table["item_ids"]]
 
 
-def refresh_repo(repo: str | Path, model: str | Path | None = None, store: str = "local://",
-                 active_days: float | None = None, force: bool = False, progress: bool = True) -> dict:
+def refresh_repo(
+    repo: str | Path,
+    model: str | Path | None = None,
+    store: str = "local://",
+    active_days: float | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Precompute item and active-user blocks into ``store``; returns the refresh figures."""
     repo = Path(repo)
     if store.startswith(("local://", "memory://")):
-        log.warning("store %s lives in this process only: the refreshed blocks vanish when it exits; "
-                    "use fs://, lm:// or redis:// for a cache that serving processes share", store)
+        log.warning(
+            "store %s lives in this process only: the refreshed blocks vanish when it exits; "
+            "use fs://, lm:// or redis:// for a cache that serving processes share",
+            store,
+        )
     with RcRecommender.from_feature_store(repo, model=model, mode="rcllm", store=store) as rec:
         catalog, template = catalog_from_repo(repo), rec.ranker.template
-        histories = [[catalog[i] for i in h[-template.max_history:]] for h in active_histories(repo, active_days)]
-        blocks = cacheable_blocks(histories, list(catalog.values()), template, rec.ranker.tokenizer,
-                                  rec.ranker.fingerprint)
+        histories = [
+            [catalog[i] for i in h[-template.max_history :]] for h in active_histories(repo, active_days)
+        ]
+        blocks = cacheable_blocks(
+            histories, list(catalog.values()), template, rec.ranker.tokenizer, rec.ranker.fingerprint
+        )
         figures = refresh_blocks(rec.engine, blocks, force=force, progress=progress)
     return {**figures, "users": len(histories), "items": len(catalog), "store": store}

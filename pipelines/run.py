@@ -1,4 +1,5 @@
 """Pipeline entry points over an ingested feature repo (``rcllm train``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,9 @@ def catalog_from_repo(repo: Path) -> dict[int, ItemInfo]:
     return {r[0]: ItemInfo(*r) for r in items.iter_rows()}
 
 
-def cross_fitted_groups(repo: Path, manifest: dict, folds: int = 2) -> list[tuple[list[list[int]], Retriever]]:
+def cross_fitted_groups(
+    repo: Path, manifest: dict, folds: int = 2
+) -> list[tuple[list[list[int]], Retriever]]:
     """Users split into ``folds`` by id; each fold's training sequences (validation and test
     items left out) get candidates from a retriever fitted on the other folds' histories."""
     interactions = pl.read_parquet(repo / "data" / "interactions.parquet")
@@ -36,8 +39,14 @@ def cross_fitted_groups(repo: Path, manifest: dict, folds: int = 2) -> list[tupl
     return groups
 
 
-def train_from_repo(repo: str | Path, out_dir: str | Path | None = None, config: TrainConfig | None = None,
-                    template: PromptTemplate | None = None, progress: bool = True, log_mlflow: bool = True) -> dict:
+def train_from_repo(
+    repo: str | Path,
+    out_dir: str | Path | None = None,
+    config: TrainConfig | None = None,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+    log_mlflow: bool = True,
+) -> dict:
     """Train a ranker on the repo's training split, save it (HF format) and log an MLflow run.
 
     Returns ``{"model_dir", "run_id", "model_uri", "summary"}``; ``model_dir`` defaults to
@@ -49,8 +58,15 @@ def train_from_repo(repo: str | Path, out_dir: str | Path | None = None, config:
     config = config or TrainConfig()
     retriever = Retriever.load(repo / "data" / "retriever.npz")
     vectors = {int(i): retriever.embeddings[n] for n, i in enumerate(retriever.item_ids)}
-    _, summary = train_ranker(cross_fitted_groups(repo, manifest), catalog_from_repo(repo), vectors, out_dir,
-                              config, template, progress)
+    _, summary = train_ranker(
+        cross_fitted_groups(repo, manifest),
+        catalog_from_repo(repo),
+        vectors,
+        out_dir,
+        config,
+        template,
+        progress,
+    )
     summary["dataset"] = manifest["dataset"]
     run_id = None
     if log_mlflow:
@@ -59,5 +75,9 @@ def train_from_repo(repo: str | Path, out_dir: str | Path | None = None, config:
         params = {k: v for k, v in summary.items() if not isinstance(v, float)}
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}
         run_id = log_run("rcllm-train", params, metrics, {"model": out_dir})
-    return {"model_dir": out_dir, "run_id": run_id, "model_uri": f"runs:/{run_id}/model" if run_id else None,
-            "summary": summary}
+    return {
+        "model_dir": out_dir,
+        "run_id": run_id,
+        "model_uri": f"runs:/{run_id}/model" if run_id else None,
+        "summary": summary,
+    }

@@ -1,6 +1,7 @@
 """Retraining pipeline (first version): train the ranker on next-item ranking with the
 verbalizer objective — cross-entropy over the K label-token logits at the last position.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,11 @@ from rcllm_sdk.retrieval import Retriever
 from .block_mask import block_attention_mask, mixed_layouts
 from .examples import BlockEncoder, Example, build_examples
 
-
 RECIPES = ("verbalizer", "item-lm")
-RECIPE_DEFAULTS = {"verbalizer": {"batch_size": 32, "lr": 2e-3},  # (batch_size, lr) left as None take these
-                   "item-lm": {"batch_size": 64, "lr": 3e-3}}  # as measured on MovieLens-1M (README, "Round 8")
+RECIPE_DEFAULTS = {
+    "verbalizer": {"batch_size": 32, "lr": 2e-3},  # (batch_size, lr) left as None take these
+    "item-lm": {"batch_size": 64, "lr": 3e-3},
+}  # as measured on MovieLens-1M (README, "Round 8")
 
 
 @dataclass(slots=True)
@@ -57,7 +59,9 @@ class TrainConfig:
     recipe: str = "verbalizer"
     item_lm_window: int = 40  # item-lm: history items per training window
     item_lm_rank: int = 0  # item-lm: dimensions of the next-item score carried into the lookup (0: all)
-    item_lm_patience: int = 3  # item-lm: early-stopping checks without improvement (0: off; see train_item_lm)
+    item_lm_patience: int = (
+        3  # item-lm: early-stopping checks without improvement (0: off; see train_item_lm)
+    )
     # item-lm: "id" learns one embedding per item token; "content" computes them from what the prompt
     # shows (categories, series and part read off titles, popularity) and marks each history line's
     # relation to the previous one (pipelines/content_item_lm.py; README, "Round 10").
@@ -84,32 +88,55 @@ class TrainConfig:
     def _check_item_lm(self) -> None:
         from .item_lm_ranker import ITEM_LM_SHAPES
 
-        unused = [name for name, on in (("block_aware", self.block_aware), ("shuffle_candidates", self.shuffle_candidates),
-                                        ("history_lm_weight", self.history_lm_weight)) if on]
+        unused = [
+            name
+            for name, on in (
+                ("block_aware", self.block_aware),
+                ("shuffle_candidates", self.shuffle_candidates),
+                ("history_lm_weight", self.history_lm_weight),
+            )
+            if on
+        ]
         if unused:
             raise ValueError(f"{', '.join(unused)}: only for the verbalizer recipe, not item-lm")
         hidden, _, heads, _ = ITEM_LM_SHAPES[self.size]
         if self.candidates > hidden // heads:
-            raise ValueError(f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}")
+            raise ValueError(
+                f"item-lm binds at most {hidden // heads} candidates (one attention head), got {self.candidates}"
+            )
         if not 0 <= self.item_lm_rank <= hidden:
-            raise ValueError(f"item_lm_rank must be between 0 (all dimensions) and the item LM's hidden size {hidden}")
+            raise ValueError(
+                f"item_lm_rank must be between 0 (all dimensions) and the item LM's hidden size {hidden}"
+            )
         if self.item_lm_window < 1 or self.item_lm_patience < 0:
             raise ValueError("item_lm_window must be >= 1 and item_lm_patience >= 0")
         if self.item_features not in ("id", "content"):
             raise ValueError(f"item_features must be id or content, got {self.item_features!r}")
         if self.pretrain_worlds < 0 or (self.pretrain_worlds and self.item_features != "content"):
-            raise ValueError("pretrain_worlds needs item_features='content' (id embeddings do not transfer) and must be >= 0")
+            raise ValueError(
+                "pretrain_worlds needs item_features='content' (id embeddings do not transfer) and must be >= 0"
+            )
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
     """Item lines as prompts show them, without the item tokens (those are added whole)."""
-    return [template.item_line(i.item_id, i.title, i.category, i.text, with_text=True).removeprefix(item_token(i.item_id))
-            for i in catalog.values()]
+    return [
+        template.item_line(i.item_id, i.title, i.category, i.text, with_text=True).removeprefix(
+            item_token(i.item_id)
+        )
+        for i in catalog.values()
+    ]
 
 
-def train_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[int, ItemInfo],
-                 item_vectors: dict[int, np.ndarray], out_dir: str | Path, config: TrainConfig = TrainConfig(),
-                 template: PromptTemplate | None = None, progress: bool = True) -> tuple[Ranker, dict]:
+def train_ranker(
+    groups: list[tuple[list[list[int]], Retriever]],
+    catalog: dict[int, ItemInfo],
+    item_vectors: dict[int, np.ndarray],
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+) -> tuple[Ranker, dict]:
     """Train tokenizer and ranker and save them to ``out_dir``.
 
     ``groups`` pairs training sequences with the retriever that proposes their candidates (see
@@ -125,19 +152,30 @@ def train_ranker(groups: list[tuple[list[list[int]], Retriever]], catalog: dict[
         return train_item_lm_ranker(groups, catalog, out_dir, config, template, progress)
     template = template or PromptTemplate(item_text_words=config.item_text_words)
     started = time.perf_counter()
-    tokenizer = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size)
+    tokenizer = train_tokenizer(
+        tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size
+    )
     ranker = build_ranker(tokenizer, template, PRESETS[config.size], item_vectors, config.seed)
-    examples, stats = build_examples(groups, config.candidates, max_examples=config.max_examples, seed=config.seed)
+    examples, stats = build_examples(
+        groups, config.candidates, max_examples=config.max_examples, seed=config.seed
+    )
     if not examples:
         raise ValueError("no training examples: the retriever never ranked a true next item in its top-K")
     losses = _fit(ranker, examples, catalog, config, progress)
-    summary = {**stats, "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - started,
-               "parameters": sum(p.numel() for p in ranker.model.parameters()), **asdict(config)}
+    summary = {
+        **stats,
+        "final_loss": float(np.mean(losses[-20:])),
+        "train_seconds": time.perf_counter() - started,
+        "parameters": sum(p.numel() for p in ranker.model.parameters()),
+        **asdict(config),
+    }
     save_ranker(ranker, out_dir, training=summary)
     return ranker, summary
 
 
-def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, progress: bool) -> list[float]:
+def _fit(
+    ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, progress: bool
+) -> list[float]:
     model, tok = ranker.model, ranker.tokenizer
     labels = torch.tensor(label_token_ids(tok, ranker.template.labels[: config.candidates]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -160,14 +198,17 @@ def _fit(ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, 
         logits = label_logits(model, at_last_token(hidden, lengths), labels)  # [B, K]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor([e.target for e in batch]))
         if config.history_lm_weight:
-            loss = loss + config.history_lm_weight * _history_lm_loss(model, hidden, ids, [_user_span(layout)
-                                                                                          for _, layout in encoded])
+            loss = loss + config.history_lm_weight * _history_lm_loss(
+                model, hidden, ids, [_user_span(layout) for _, layout in encoded]
+            )
         take_step(model, optimizer, schedule, loss, losses, bar)
     model.eval()
     return losses
 
 
-def _history_lm_loss(model, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+def _history_lm_loss(
+    model, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]
+) -> torch.Tensor:
     """Next-token cross-entropy inside each history block: teaches which item follows which."""
     rows = torch.cat([torch.full((end - start - 1,), b) for b, (start, end) in enumerate(spans)])
     cols = torch.cat([torch.arange(start, end - 1) for start, end in spans])

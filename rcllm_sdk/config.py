@@ -4,6 +4,7 @@
 
 Environment names are the upper-cased field names, e.g. ``RCLLM_CANDIDATES=30``.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,7 @@ class RecommenderConfig:
         parse_policy(self.policy)  # raises ConfigError on a bad spec
 
     @classmethod
-    def resolve(cls, config_file: str | Path | None = None, **overrides) -> "RecommenderConfig":
+    def resolve(cls, config_file: str | Path | None = None, **overrides) -> RecommenderConfig:
         """Merge the four layers in precedence order; unknown keys are rejected."""
         values: dict = {}
         if config_file:
@@ -92,7 +93,9 @@ def _read_yaml(path: Path) -> dict:
 
 def _from_env() -> dict:
     names = {f.name for f in fields(RecommenderConfig)}
-    return {k[6:].lower(): v for k, v in os.environ.items() if k.startswith("RCLLM_") and k[6:].lower() in names}
+    return {
+        k[6:].lower(): v for k, v in os.environ.items() if k.startswith("RCLLM_") and k[6:].lower() in names
+    }
 
 
 def _coerce(cls, name: str, value):

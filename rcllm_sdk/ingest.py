@@ -8,6 +8,7 @@ What lands in ``<repo>/data/``:
 * ``retriever.npz`` — transitions, popularity and item embeddings fitted on those histories;
 * ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method, retriever settings).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,23 @@ class IngestResult:
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
-        return (f"ingested {self.interactions:,} interactions of {self.users:,} users over {self.items:,} items "
-                f"into {self.repo} ({self.test_users:,} test users; {skipped} malformed rows skipped)")
+        return (
+            f"ingested {self.interactions:,} interactions of {self.users:,} users over {self.items:,} items "
+            f"into {self.repo} ({self.test_users:,} test users; {skipped} malformed rows skipped)"
+        )
 
 
-def ingest(source: str, path: str | Path | None, repo: str | Path, *, online_store: str = "sqlite",
-           skip_bad_rows: bool = False, synthetic: SyntheticConfig | None = None,
-           embedding_dim: int = 32, retriever_config: RetrieverConfig = RetrieverConfig()) -> IngestResult:
+def ingest(
+    source: str,
+    path: str | Path | None,
+    repo: str | Path,
+    *,
+    online_store: str = "sqlite",
+    skip_bad_rows: bool = False,
+    synthetic: SyntheticConfig | None = None,
+    embedding_dim: int = 32,
+    retriever_config: RetrieverConfig = RetrieverConfig(),
+) -> IngestResult:
     """Ingest one source into the feature repo ``repo`` (created when missing).
 
     Example:
@@ -58,10 +69,18 @@ def ingest(source: str, path: str | Path | None, repo: str | Path, *, online_sto
     served = histories(interactions, exclude=(TEST,))
     retriever = fit_retriever(served, dataset.items, embedding_dim, retriever_config)
     retriever.save(data / "retriever.npz")
-    items = dataset.items.with_columns(pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32)))
+    items = dataset.items.with_columns(
+        pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32))
+    )
     FeatureClient(repo).apply_and_materialize(served, items)
-    result = IngestResult(repo, served.height, dataset.items.height, interactions.height,
-                          int((interactions["split"] == TEST).sum()), dataset.skipped)
+    result = IngestResult(
+        repo,
+        served.height,
+        dataset.items.height,
+        interactions.height,
+        int((interactions["split"] == TEST).sum()),
+        dataset.skipped,
+    )
     _write_manifest(data / "dataset.json", dataset, interactions, result, embedding_dim, retriever_config)
     return result
 
@@ -71,8 +90,9 @@ def fit_retriever(served: pl.DataFrame, items: pl.DataFrame, dim: int, config: R
     return Retriever.fit(*retriever_inputs(served, items, dim), config)
 
 
-def retriever_inputs(served: pl.DataFrame, items: pl.DataFrame,
-                     dim: int) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+def retriever_inputs(
+    served: pl.DataFrame, items: pl.DataFrame, dim: int
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """``(sequences, item_ids, embeddings)`` for :meth:`Retriever.fit`: everything but the blend settings."""
     item_ids = items["item_id"].to_numpy()
     index = {int(i): n for n, i in enumerate(item_ids)}
@@ -81,13 +101,26 @@ def retriever_inputs(served: pl.DataFrame, items: pl.DataFrame,
     return sequences, item_ids, item_embeddings(dense, len(item_ids), dim)
 
 
-def _write_manifest(path: Path, dataset: Dataset, interactions: pl.DataFrame, result: IngestResult,
-                    dim: int, config: RetrieverConfig) -> None:
+def _write_manifest(
+    path: Path,
+    dataset: Dataset,
+    interactions: pl.DataFrame,
+    result: IngestResult,
+    dim: int,
+    config: RetrieverConfig,
+) -> None:
     splits = dict(interactions.group_by("split").len().iter_rows())
-    manifest = {"dataset": dataset.name, "users": result.users, "items": result.items,
-                "interactions": result.interactions, "splits": splits, "skipped_rows": dataset.skipped,
-                "embedding": {"method": EMBEDDING_METHOD, "dim": dim}, "retriever": asdict(config),
-                "history_view": f"all interactions before each user's {TEST} item ({VAL} item included)"}
+    manifest = {
+        "dataset": dataset.name,
+        "users": result.users,
+        "items": result.items,
+        "interactions": result.interactions,
+        "splits": splits,
+        "skipped_rows": dataset.skipped,
+        "embedding": {"method": EMBEDDING_METHOD, "dim": dim},
+        "retriever": asdict(config),
+        "history_view": f"all interactions before each user's {TEST} item ({VAL} item included)",
+    }
     path.write_text(json.dumps(manifest, indent=2))
 
 

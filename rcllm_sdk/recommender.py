@@ -1,4 +1,5 @@
 """``RcRecommender``: the facade. Features -> candidates -> blocks -> forward -> ranking."""
+
 from __future__ import annotations
 
 import time
@@ -27,22 +28,31 @@ class RcRecommender:
         >>> rec.recommend(user_id=42, k=10).item_ids
     """
 
-    def __init__(self, features: FeatureClient, retriever: Retriever, ranker: Ranker, config: RecommenderConfig):
+    def __init__(
+        self, features: FeatureClient, retriever: Retriever, ranker: Ranker, config: RecommenderConfig
+    ):
         self.features, self.retriever, self.ranker, self.config = features, retriever, ranker, config
         if config.threads:
             torch.set_num_threads(config.threads)
         labels = ranker.template.labels[: config.candidates]
         if len(labels) < config.candidates:
-            raise NotEnoughCandidatesError(f"the template has {len(labels)} labels; set candidates <= {len(labels)}")
+            raise NotEnoughCandidatesError(
+                f"the template has {len(labels)} labels; set candidates <= {len(labels)}"
+            )
         self.label_ids = label_token_ids(ranker.tokenizer, labels)
         self.engine = None
         if config.mode != "full":
             from .cache import open_store  # lazy: LMCache is heavy and only needed when caching
 
-            self.engine = BlockEngine(ranker, open_store(config.store, namespace=ranker.fingerprint),
-                                      config.policy, config.attention, config.prefix_chunk)
+            self.engine = BlockEngine(
+                ranker,
+                open_store(config.store, namespace=ranker.fingerprint),
+                config.policy,
+                config.attention,
+                config.prefix_chunk,
+            )
 
-    def with_config(self, **overrides) -> "RcRecommender":
+    def with_config(self, **overrides) -> RcRecommender:
         """A recommender sharing this one's features, retriever and ranker under changed
         settings, e.g. ``rec.with_config(mode="prefix")``; close it when done."""
         return RcRecommender(self.features, self.retriever, self.ranker, replace(self.config, **overrides))
@@ -53,15 +63,20 @@ class RcRecommender:
             self.engine.close()
             self.engine.store.close()
 
-    def __enter__(self) -> "RcRecommender":
+    def __enter__(self) -> RcRecommender:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     @classmethod
-    def from_feature_store(cls, repo_path: str | Path, model: str | Path | None = None,
-                           config_file: str | Path | None = None, **config) -> "RcRecommender":
+    def from_feature_store(
+        cls,
+        repo_path: str | Path,
+        model: str | Path | None = None,
+        config_file: str | Path | None = None,
+        **config,
+    ) -> RcRecommender:
         """Open an ingested feature repo and a ranker (local HF folder or MLflow URI).
 
         ``model`` defaults to ``<repo>/data/ranker`` (where ``rcllm train`` saves). Keyword
@@ -70,11 +85,17 @@ class RcRecommender:
         repo = Path(repo_path)
         retriever_file = repo / "data" / "retriever.npz"
         if not retriever_file.exists():
-            raise FeatureRepoError(f"{repo} is not an ingested feature repo ({retriever_file} missing): "
-                                   f"run `rcllm ingest --repo {repo}` first")
+            raise FeatureRepoError(
+                f"{repo} is not an ingested feature repo ({retriever_file} missing): "
+                f"run `rcllm ingest --repo {repo}` first"
+            )
         ranker = load_ranker(model if model is not None else repo / "data" / "ranker")
-        return cls(FeatureClient(repo), Retriever.load(retriever_file), ranker,
-                   RecommenderConfig.resolve(config_file, **config))
+        return cls(
+            FeatureClient(repo),
+            Retriever.load(retriever_file),
+            ranker,
+            RecommenderConfig.resolve(config_file, **config),
+        )
 
     def recommend(self, user_id: int, k: int = 10) -> Recommendation:
         """Top-``k`` items for ``user_id``; see :class:`Recommendation`."""
@@ -87,7 +108,7 @@ class RcRecommender:
         histories = self.features.histories(list(user_ids))
         results: dict[int, Recommendation] = {}
         pending = []
-        for slot, (user, found) in enumerate(zip(user_ids, histories)):
+        for slot, (user, found) in enumerate(zip(user_ids, histories, strict=False)):
             history = self._history_or_cold_start(user, found)
             if history is None:
                 results[slot] = self._popular(user, k, started)
@@ -100,25 +121,38 @@ class RcRecommender:
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.config.candidates:
-            raise NotEnoughCandidatesError(f"k={k} but the ranker sees {self.config.candidates} candidates; "
-                                           f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`")
+            raise NotEnoughCandidatesError(
+                f"k={k} but the ranker sees {self.config.candidates} candidates; "
+                f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`"
+            )
 
     def _history_or_cold_start(self, user: int, found) -> list[int] | None:
         if found is None:
             if self.config.cold_start == "popular":
                 return None
-            raise UnknownUserError(f"user {user} is not in the feature store; ingest their interactions "
-                                   "or set cold_start='popular'")
+            raise UnknownUserError(
+                f"user {user} is not in the feature store; ingest their interactions "
+                "or set cold_start='popular'"
+            )
         if not found[0]:
             if self.config.cold_start == "popular":
                 return None
-            raise EmptyHistoryError(f"user {user} has no interactions; set cold_start='popular' to serve them")
+            raise EmptyHistoryError(
+                f"user {user} has no interactions; set cold_start='popular' to serve them"
+            )
         return found[0]
 
     def _popular(self, user: int, k: int, started: float) -> Recommendation:
         items = self.retriever.popular(k)
-        return Recommendation(user, items, [float(k - r) for r in range(len(items))], [], 0.0,
-                              _ms_since(started), source="popularity")
+        return Recommendation(
+            user,
+            items,
+            [float(k - r) for r in range(len(items))],
+            [],
+            0.0,
+            _ms_since(started),
+            source="popularity",
+        )
 
     def _rank_chunk(self, chunk, k: int, started: float):
         prompts = self._prompts([history for _, _, history in chunk])
@@ -127,46 +161,79 @@ class RcRecommender:
         ttft = _ms_since(t0)
         if self.engine is not None:
             self.engine.flush()  # blocks computed here are stored before the result returns (counted in e2e)
-        for (slot, user, _), prompt, (score, cache) in zip(chunk, prompts, scored):
+        for (slot, user, _), prompt, (score, cache) in zip(chunk, prompts, scored, strict=False):
             order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
-            yield slot, Recommendation(user, [prompt.candidate_ids[i] for i in order],
-                                       [float(score[i]) for i in order], [prompt.labels[i] for i in order],
-                                       ttft, _ms_since(started), mode=self.config.mode,
-                                       prompt_tokens=len(prompt.input_ids), candidates=list(prompt.candidate_ids),
-                                       cache=cache)
+            yield (
+                slot,
+                Recommendation(
+                    user,
+                    [prompt.candidate_ids[i] for i in order],
+                    [float(score[i]) for i in order],
+                    [prompt.labels[i] for i in order],
+                    ttft,
+                    _ms_since(started),
+                    mode=self.config.mode,
+                    prompt_tokens=len(prompt.input_ids),
+                    candidates=list(prompt.candidate_ids),
+                    cache=cache,
+                ),
+            )
 
-    def _score(self, prompts: list[RenderedPrompt], label_ids: list[list[int]]) -> list[tuple[torch.Tensor, CacheStats]]:
+    def _score(
+        self, prompts: list[RenderedPrompt], label_ids: list[list[int]]
+    ) -> list[tuple[torch.Tensor, CacheStats]]:
         """Label logits per prompt and its cache figures, in the configured mode."""
         if self.config.mode == "full":
-            scores = score_full(self.ranker.model, [p.input_ids for p in prompts], label_ids,
-                                self.ranker.tokenizer.pad_token_id)
+            scores = score_full(
+                self.ranker.model,
+                [p.input_ids for p in prompts],
+                label_ids,
+                self.ranker.tokenizer.pad_token_id,
+            )
             return [(s, CacheStats()) for s in scores]
-        scored = self.engine.score(prompts, label_ids) if self.config.mode == "rcllm" \
+        scored = (
+            self.engine.score(prompts, label_ids)
+            if self.config.mode == "rcllm"
             else self.engine.score_prefix(prompts, label_ids)
+        )
         return [(s.logits, s.cache) for s in scored]
 
     def _prompts(self, histories: list[list[int]]) -> list[RenderedPrompt]:
         """Retrieve candidates for each history, read all their item features in one Feast call, render."""
         template = self.ranker.template
-        return self._render([(history[-template.max_history:], self._candidates(history)) for history in histories])
+        return self._render(
+            [(history[-template.max_history :], self._candidates(history)) for history in histories]
+        )
 
     def _render(self, plans: list[tuple[list[int], list[int]]]) -> list[RenderedPrompt]:
         """Prompts of ``(shown history, candidates)`` pairs; one Feast read for all their items."""
         info = self._items(list(dict.fromkeys(i for shown, cands in plans for i in shown + cands)))
-        return [render([info[i] for i in shown], [info[i] for i in cands], self.ranker.template,
-                       self.ranker.tokenizer, self.ranker.fingerprint) for shown, cands in plans]
+        return [
+            render(
+                [info[i] for i in shown],
+                [info[i] for i in cands],
+                self.ranker.template,
+                self.ranker.tokenizer,
+                self.ranker.fingerprint,
+            )
+            for shown, cands in plans
+        ]
 
     def _candidates(self, history: list[int]) -> list[int]:
         candidates = self.retriever.candidates(history, self.config.candidates)
         if len(candidates) < self.config.candidates:
-            raise NotEnoughCandidatesError(f"the retriever found {len(candidates)} unseen items, "
-                                           f"fewer than candidates={self.config.candidates}; lower it")
+            raise NotEnoughCandidatesError(
+                f"the retriever found {len(candidates)} unseen items, "
+                f"fewer than candidates={self.config.candidates}; lower it"
+            )
         return candidates
 
     def _items(self, item_ids: list[int]) -> dict[int, ItemInfo]:
         cols = self.features.items(item_ids)
-        return {i: ItemInfo(i, t or "", c or "", x or "")
-                for i, t, c, x in zip(item_ids, cols["title"], cols["category"], cols["text"])}
+        return {
+            i: ItemInfo(i, t or "", c or "", x or "")
+            for i, t, c, x in zip(item_ids, cols["title"], cols["category"], cols["text"], strict=False)
+        }
 
 
 def _chunks(rows: list, size: int):

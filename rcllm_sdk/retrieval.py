@@ -1,6 +1,7 @@
 """First-stage candidate retrieval: item-to-item transitions blended with embedding similarity
 and popularity, excluding items the user has seen. No torch: this module only plans.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,16 +36,27 @@ class Retriever:
         >>> r.candidates([5, 9, 12], k=20)
     """
 
-    def __init__(self, item_ids: np.ndarray, transitions: sp.csr_matrix, log_popularity: np.ndarray,
-                 embeddings: np.ndarray, config: RetrieverConfig = RetrieverConfig()):
+    def __init__(
+        self,
+        item_ids: np.ndarray,
+        transitions: sp.csr_matrix,
+        log_popularity: np.ndarray,
+        embeddings: np.ndarray,
+        config: RetrieverConfig = RetrieverConfig(),
+    ):
         self.item_ids = np.asarray(item_ids, np.int64)
         self.index = {int(i): n for n, i in enumerate(self.item_ids)}
         self.transitions, self.embeddings, self.config = transitions, embeddings, config
         self.log_popularity = log_popularity  # log1p(count), scaled to [0, 1]
 
     @classmethod
-    def fit(cls, sequences: list[list[int]], item_ids, embeddings: np.ndarray,
-            config: RetrieverConfig = RetrieverConfig()) -> "Retriever":
+    def fit(
+        cls,
+        sequences: list[list[int]],
+        item_ids,
+        embeddings: np.ndarray,
+        config: RetrieverConfig = RetrieverConfig(),
+    ) -> Retriever:
         """Build from training histories (lists of item ids in time order)."""
         item_ids = np.asarray(item_ids, np.int64)
         index = {int(i): n for n, i in enumerate(item_ids)}
@@ -54,11 +66,13 @@ class Retriever:
         for seq in dense:
             for step in range(1, config.horizon + 1):
                 if len(seq) > step:
-                    rows.append(seq[:-step]); cols.append(seq[step:])
+                    rows.append(seq[:-step])
+                    cols.append(seq[step:])
                     vals.append(np.full(len(seq) - step, 1.0 / step))
         if rows:
-            counts = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                   shape=(n, n)).tocsr()
+            counts = sp.coo_matrix(
+                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+            ).tocsr()
         else:
             counts = sp.csr_matrix((n, n))
         row_sums = np.asarray(counts.sum(axis=1)).ravel()
@@ -75,7 +89,9 @@ class Retriever:
         score = cfg.w_popularity * self.log_popularity
         if recent:
             weights = cfg.decay ** np.arange(len(recent))
-            score = score + cfg.w_transition * np.asarray(weights @ self.transitions[recent].toarray()).ravel()
+            score = (
+                score + cfg.w_transition * np.asarray(weights @ self.transitions[recent].toarray()).ravel()
+            )
             profile = self.embeddings[recent].mean(axis=0)
             norm = np.linalg.norm(profile)
             if norm > 0:
@@ -99,15 +115,26 @@ class Retriever:
 
     def save(self, path: str | Path) -> None:
         t = self.transitions
-        np.savez_compressed(path, item_ids=self.item_ids, data=t.data, indices=t.indices, indptr=t.indptr,
-                            log_popularity=self.log_popularity, embeddings=self.embeddings,
-                            config=np.array([getattr(self.config, f) for f in RetrieverConfig.__dataclass_fields__]))
+        np.savez_compressed(
+            path,
+            item_ids=self.item_ids,
+            data=t.data,
+            indices=t.indices,
+            indptr=t.indptr,
+            log_popularity=self.log_popularity,
+            embeddings=self.embeddings,
+            config=np.array([getattr(self.config, f) for f in RetrieverConfig.__dataclass_fields__]),
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Retriever":
+    def load(cls, path: str | Path) -> Retriever:
         z = np.load(path)
         n = len(z["item_ids"])
         transitions = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n))
         fields = list(RetrieverConfig.__dataclass_fields__)
-        values = {f: type(getattr(RetrieverConfig(), f))(v) for f, v in zip(fields, z["config"])}
-        return cls(z["item_ids"], transitions, z["log_popularity"], z["embeddings"], RetrieverConfig(**values))
+        values = {
+            f: type(getattr(RetrieverConfig(), f))(v) for f, v in zip(fields, z["config"], strict=False)
+        }
+        return cls(
+            z["item_ids"], transitions, z["log_popularity"], z["embeddings"], RetrieverConfig(**values)
+        )

@@ -1,9 +1,10 @@
 """MLflow logging, kept off the request path: every call here happens after the work is done."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 

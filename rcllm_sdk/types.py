@@ -1,4 +1,5 @@
 """Typed results returned by the recommender."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

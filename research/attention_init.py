@@ -10,6 +10,7 @@ model closer to that circuit; training still learns everything (no weight is fro
 - :func:`label_head_init`: layer 0's first head starts as a positional head attending a fixed
   number of tokens back (from an item token to its label) and copying what it reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,13 +34,14 @@ def mimetic_init(model, scale: float, seed: int = 0) -> None:
         with torch.no_grad():
             for kv in range(attn.k_proj.out_features // dim):
                 basis = scale * torch.linalg.qr(torch.randn(hidden, dim, generator=gen))[0].T  # [dim, hidden]
-                attn.k_proj.weight[kv * dim:(kv + 1) * dim] = basis
+                attn.k_proj.weight[kv * dim : (kv + 1) * dim] = basis
                 for q in range(kv * per_kv, (kv + 1) * per_kv):
-                    attn.q_proj.weight[q * dim:(q + 1) * dim] = basis
+                    attn.q_proj.weight[q * dim : (q + 1) * dim] = basis
 
 
-def label_head_init(model, offset: int, margin: float = 12.0, copy_gain: float = 0.5, seed: int = 0,
-                    max_distance: int = 2048) -> None:
+def label_head_init(
+    model, offset: int, margin: float = 12.0, copy_gain: float = 0.5, seed: int = 0, max_distance: int = 2048
+) -> None:
     """Layer 0's query head 0 attends ``offset`` tokens back, whatever the tokens are, and copies
     what it reads into the residual stream.
 
@@ -66,7 +68,7 @@ def label_head_init(model, offset: int, margin: float = 12.0, copy_gain: float =
             layer.self_attn.k_proj.weight[:, CONSTANT_DIM] = 0
     freqs = model.model.rotary_emb.inv_freq.float().cpu()  # [half]; pairs (i, i + half) rotate at freqs[i]
     weights = positional_weights(freqs, offset, margin, max_distance)
-    amplitude = (weights.abs() * dim ** 0.5).sqrt() / constant  # score = amplitude^2 constant^2 / sqrt(dim)
+    amplitude = (weights.abs() * dim**0.5).sqrt() / constant  # score = amplitude^2 constant^2 / sqrt(dim)
     phase = -offset * freqs
     gen = torch.Generator().manual_seed(seed + 2)
     copy = torch.linalg.qr(torch.randn(attn.q_proj.in_features, dim, generator=gen))[0].T  # [dim, hidden]

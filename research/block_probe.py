@@ -13,6 +13,7 @@ each policy. One model trains with full causal attention, one with the block-awa
 (``pipelines/block_mask.py``), one with half of its prompts each way (``mixed``).
 ``python -m research.block_probe --out FILE.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,23 @@ def make_prompt(rng: np.random.Generator, cfg: ProbeConfig) -> tuple[RenderedPro
     for kind, ids in parts:
         blocks.append(Block(kind, tuple(ids), start, block_hash("probe", kind, ids)))
         start += len(ids)
-    return RenderedPrompt(tuple(blocks), tuple(range(cfg.candidates)), tuple("ABCDEFGHIJKLMNOPQRST"[: cfg.candidates])), target
+    return RenderedPrompt(
+        tuple(blocks), tuple(range(cfg.candidates)), tuple("ABCDEFGHIJKLMNOPQRST"[: cfg.candidates])
+    ), target
 
 
 def build_model(cfg: ProbeConfig) -> LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=ITEM0 + cfg.items, hidden_size=cfg.hidden, intermediate_size=3 * cfg.hidden,
-                         num_hidden_layers=cfg.layers, num_attention_heads=max(2, cfg.hidden // 32),
-                         num_key_value_heads=max(1, cfg.hidden // 64), max_position_embeddings=1024,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=ITEM0 + cfg.items,
+        hidden_size=cfg.hidden,
+        intermediate_size=3 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=max(2, cfg.hidden // 32),
+        num_key_value_heads=max(1, cfg.hidden // 64),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -97,24 +106,31 @@ def train(cfg: ProbeConfig, block_fraction: float, progress: bool = True) -> tup
             layouts = [[(b.kind, len(b.token_ids)) for b in p.blocks] for p, _ in batch]
             mask = block_attention_mask(mixed_layouts(layouts, block_fraction, rng), ids.shape[1])
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
-        loss = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight[labels].T,
-                                                 torch.tensor([t for _, t in batch]))
+        loss = torch.nn.functional.cross_entropy(
+            hidden @ model.lm_head.weight[labels].T, torch.tensor([t for _, t in batch])
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
         if progress and (step % 250 == 0 or step == cfg.steps - 1):
-            print(f"  block-aware share {block_fraction:.2f} step {step}: label CE "
-                  f"{np.mean(losses[-50:]):.3f} (ln K = {math.log(cfg.candidates):.3f})", flush=True)
+            print(
+                f"  block-aware share {block_fraction:.2f} step {step}: label CE "
+                f"{np.mean(losses[-50:]):.3f} (ln K = {math.log(cfg.candidates):.3f})",
+                flush=True,
+            )
     model.eval()
-    return model, {"final_loss": float(np.mean(losses[-100:])), "train_seconds": time.perf_counter() - started}
+    return model, {
+        "final_loss": float(np.mean(losses[-100:])),
+        "train_seconds": time.perf_counter() - started,
+    }
 
 
 def evaluate(model, cfg: ProbeConfig) -> dict:
     """Accuracy of the plain HF forward and of ``BlockEngine`` under each policy, on the same prompts."""
     rng = np.random.default_rng(cfg.seed + 2)
-    prompts, targets = zip(*[make_prompt(rng, cfg) for _ in range(cfg.eval_prompts)])
+    prompts, targets = zip(*[make_prompt(rng, cfg) for _ in range(cfg.eval_prompts)], strict=False)
     targets = np.array(targets)
     labels = [list(range(LABEL0, LABEL0 + cfg.candidates))] * len(prompts)
     scores = score_full(model, [p.input_ids for p in prompts], labels, pad_id=0)
@@ -123,16 +139,23 @@ def evaluate(model, cfg: ProbeConfig) -> dict:
         engine = BlockEngine(Ranker(model, None, None, "probe"), store, backend="torch")
         for policy in POLICIES:
             chunks = [list(prompts[start : start + 50]) for start in range(0, len(prompts), 50)]
-            scored = [s for chunk in chunks
-                      for s in engine.score(chunk, labels[: len(chunk)], policy=parse_policy(policy))]
-            out[policy] = {"accuracy": _accuracy([s.logits for s in scored], targets),
-                           "recompute_fraction": float(np.mean([s.cache.recomputed_fraction for s in scored]))}
+            scored = [
+                s
+                for chunk in chunks
+                for s in engine.score(chunk, labels[: len(chunk)], policy=parse_policy(policy))
+            ]
+            out[policy] = {
+                "accuracy": _accuracy([s.logits for s in scored], targets),
+                "recompute_fraction": float(np.mean([s.cache.recomputed_fraction for s in scored])),
+            }
         engine.close()
     return out
 
 
 def _accuracy(scores, targets: np.ndarray) -> float:
-    return float(np.mean([int(torch.as_tensor(s).argmax()) == t for s, t in zip(scores, targets)]))
+    return float(
+        np.mean([int(torch.as_tensor(s).argmax()) == t for s, t in zip(scores, targets, strict=False)])
+    )
 
 
 def run(cfg: ProbeConfig, progress: bool = True) -> dict:
@@ -145,13 +168,18 @@ def run(cfg: ProbeConfig, progress: bool = True) -> dict:
 
 def markdown(report: dict) -> str:
     names = list(report["models"])
-    rows = [f"| scored with | recompute | {' | '.join(f'{n} accuracy' for n in names)} |",
-            "|---|---|" + "---|" * len(names)]
+    rows = [
+        f"| scored with | recompute | {' | '.join(f'{n} accuracy' for n in names)} |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for policy in report["models"][names[0]]["results"]:
         cells = [f"{report['models'][n]['results'][policy]['accuracy']:.3f}" for n in names]
         frac = report["models"][names[0]]["results"][policy]["recompute_fraction"]
         rows.append(f"| {policy} | {frac:.3f} | {' | '.join(cells)} |")
-    losses = ", ".join(f"{n}: label CE {m['final_loss']:.3f}, {m['train_seconds']:.0f} s" for n, m in report["models"].items())
+    losses = ", ".join(
+        f"{n}: label CE {m['final_loss']:.3f}, {m['train_seconds']:.0f} s"
+        for n, m in report["models"].items()
+    )
     return "\n".join(rows) + f"\n\nchance {report['chance']:.3f}; {losses}"
 
 
@@ -166,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ProbeConfig(**{f: getattr(args, f) for f in ("candidates", "item_tokens", "hidden", "layers", "steps",
-                                                       "eval_prompts", "seed", "lr")})
+    cfg = ProbeConfig(
+        **{
+            f: getattr(args, f)
+            for f in ("candidates", "item_tokens", "hidden", "layers", "steps", "eval_prompts", "seed", "lr")
+        }
+    )
     report = run(cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ retriever. Pick on validation, report test::
     python -m research.retriever_grid --repo /tmp/synth --repo /tmp/ml100k --repo /tmp/ml1m \\
         --decay 0.3 0.45 0.6 --w-similarity 0 0.03 0.05 0.1 0.3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,11 @@ def retriever_ndcg(repo: Path, config: RetrieverConfig, split: str, k: int = 20)
 def _ndcg(inputs: tuple, config: RetrieverConfig, k: int = 20) -> float:
     sequences, item_ids, embeddings, truth = inputs
     retriever = Retriever.fit(sequences, item_ids, embeddings, config)
-    ranks = [rank_of(retriever.candidates(history, k), truth[n]) for n, history in enumerate(sequences) if n in truth]
+    ranks = [
+        rank_of(retriever.candidates(history, k), truth[n])
+        for n, history in enumerate(sequences)
+        if n in truth
+    ]
     return float(METRICS["ndcg@10"](np.array(ranks)).mean())
 
 
@@ -54,16 +59,21 @@ def grid(repos: list[Path], decays: list[float], similarities: list[float]) -> l
     rows = []
     for decay, w_similarity in tqdm(list(itertools.product(decays, similarities)), desc="retriever grid"):
         config = replace(RetrieverConfig(), decay=decay, w_similarity=w_similarity)
-        scores = {repo.name: {split: _ndcg(inputs[repo.name, split], config) for split in (VAL, TEST)}
-                  for repo in repos}
-        rows.append({"config": asdict(config), "scores": scores,
-                     "val_sum": sum(s[VAL] for s in scores.values())})
+        scores = {
+            repo.name: {split: _ndcg(inputs[repo.name, split], config) for split in (VAL, TEST)}
+            for repo in repos
+        }
+        rows.append(
+            {"config": asdict(config), "scores": scores, "val_sum": sum(s[VAL] for s in scores.values())}
+        )
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", action="append", type=Path, required=True, help="an ingested repo (repeatable)")
+    parser.add_argument(
+        "--repo", action="append", type=Path, required=True, help="an ingested repo (repeatable)"
+    )
     parser.add_argument("--decay", type=float, nargs="+", default=[RetrieverConfig().decay])
     parser.add_argument("--w-similarity", type=float, nargs="+", default=[RetrieverConfig().w_similarity])
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
 """Block-aware fine-tuning: the training mask has the structure the server reuses blocks with."""
+
 import pytest
 import torch
 
@@ -8,18 +9,21 @@ from rcllm_sdk.pipelines.block_mask import block_attention_mask
 def test_block_mask_matches_the_served_structure():
     layout = [("system", 2), ("user", 2), ("label", 1), ("item", 2), ("query", 1)]
     mask = block_attention_mask([layout, layout[:2]], 10)
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # system: causal
-        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # user: system + itself
-        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # label (fresh): everything before it
-        [1, 1, 0, 0, 0, 1, 0, 0, 0, 0],  # item: system + itself, not the user block or label
-        [1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],  # query (fresh): everything
-        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # padding: itself only
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # system: causal
+            [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # user: system + itself
+            [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # label (fresh): everything before it
+            [1, 1, 0, 0, 0, 1, 0, 0, 0, 0],  # item: system + itself, not the user block or label
+            [1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],  # query (fresh): everything
+            [0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # padding: itself only
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert mask.shape == (2, 1, 10, 10)
     assert torch.equal(mask[0, 0], expected)
     assert mask[1, 0, 4:, 4:].equal(torch.eye(6, dtype=torch.bool))  # the shorter prompt's padding
@@ -48,8 +52,9 @@ def test_block_aware_training_runs_and_saves(ingested_repo, tmp_path):
 
     with pytest.raises(ValueError, match="block_aware_fraction"):
         TrainConfig(block_aware=True, block_aware_fraction=0.0)
-    config = TrainConfig(size="micro", steps=3, batch_size=2, vocab_size=600, block_aware=True,
-                         block_aware_fraction=0.5)
+    config = TrainConfig(
+        size="micro", steps=3, batch_size=2, vocab_size=600, block_aware=True, block_aware_fraction=0.5
+    )
     result = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)
     assert result["summary"]["block_aware"] is True and (tmp_path / "ranker" / "config.json").exists()
     from rcllm_sdk.model.ranker import fingerprint, load_ranker

@@ -1,6 +1,7 @@
 """Stratified storage: placement of blocks on nodes, reads around faults, refresh, manifests
 (in-process nodes), then the same on real servers: 3 LMCache servers and 2 Redis servers on
 free 127.0.0.1 ports, a node killed mid-stream and a corrupt block on a node."""
+
 from __future__ import annotations
 
 import logging
@@ -16,13 +17,13 @@ import torch
 from rcllm_sdk.cache import open_store
 from rcllm_sdk.cache.base import FAULT, LOCAL, MISS, REMOTE
 from rcllm_sdk.cache.cluster import MANIFEST_KEY, ClusterConfig, ClusterStore, NodeSpec
+from rcllm_sdk.cache.local_servers import start_lmcache, start_redis
 from rcllm_sdk.cache.placement import similarity_placement
 from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.runtime import blockkv
 from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.refresh import refresh_blocks
 
-from rcllm_sdk.cache.local_servers import start_lmcache, start_redis
 from .test_runtime import LABELS, Ranker, make_prompt, tiny_model
 from .test_store import kv, same
 
@@ -36,10 +37,17 @@ def shard_map(n_shards: int = 4):
     return similarity_placement(ITEMS, emb.astype(np.float32), n_shards)
 
 
-def memory_cluster(n: int = 4, replicas: int = 0, namespace: str = "ns", spaces=None, **extra) -> ClusterStore:
+def memory_cluster(
+    n: int = 4, replicas: int = 0, namespace: str = "ns", spaces=None, **extra
+) -> ClusterStore:
     spaces = spaces or [uuid.uuid4().hex for _ in range(n)]
-    config = ClusterConfig([NodeSpec(f"memory://{s}") for s in spaces], shard_map(n), replicas=replicas,
-                           local="memory://", **extra)
+    config = ClusterConfig(
+        [NodeSpec(f"memory://{s}") for s in spaces],
+        shard_map(n),
+        replicas=replicas,
+        local="memory://",
+        **extra,
+    )
     return ClusterStore("cluster://", namespace, config)
 
 
@@ -48,6 +56,7 @@ def holders(cluster: ClusterStore, key: int) -> list[int]:
 
 
 # -- placement and reads (in-process nodes) -----------------------------------------------------
+
 
 def test_item_blocks_go_to_their_shard_and_replicas_user_blocks_everywhere():
     cluster = memory_cluster(replicas=1)
@@ -116,9 +125,14 @@ def test_writes_some_node_refused_are_reported_and_not_stored_everywhere():
 
 def test_bad_cluster_configurations_raise():
     nodes = [NodeSpec("memory://a"), NodeSpec("memory://b")]
-    for bad in (dict(nodes=[]), dict(nodes=nodes, replicas=2), dict(nodes=nodes, home_node=2),
-                dict(nodes=[NodeSpec("s3://x")]), dict(nodes=[NodeSpec("memory://a"), NodeSpec("memory://a")]),
-                dict(nodes=nodes * 2 + [NodeSpec("memory://c")], shard_map=shard_map(4))):
+    for bad in (
+        dict(nodes=[]),
+        dict(nodes=nodes, replicas=2),
+        dict(nodes=nodes, home_node=2),
+        dict(nodes=[NodeSpec("s3://x")]),
+        dict(nodes=[NodeSpec("memory://a"), NodeSpec("memory://a")]),
+        dict(nodes=nodes * 2 + [NodeSpec("memory://c")], shard_map=shard_map(4)),
+    ):
         with pytest.raises(ConfigError):
             ClusterConfig(**bad)
     with pytest.raises(ConfigError, match="bogus"):
@@ -131,7 +145,8 @@ def test_cluster_file_opens_through_open_store(tmp_path):
     shard_map(2).save(tmp_path / "map.json")
     (tmp_path / "cluster.json").write_text(
         '{"nodes": ["memory://%s", "memory://%s"], "shard_map": "map.json", "local": "memory://", "replicas": 1}'
-        % (uuid.uuid4().hex, uuid.uuid4().hex))
+        % (uuid.uuid4().hex, uuid.uuid4().hex)
+    )
     with open_store(f"cluster://{tmp_path}/cluster.json", "ns") as store:
         store.put(3, kv(2))
         assert same(store.get(3), kv(2)) and store.config.shard_map.n_shards == 2
@@ -142,7 +157,9 @@ def test_a_node_filled_under_another_shard_map_is_detected(caplog):
     old = memory_cluster(spaces=spaces)
     old.write_manifests()
     assert memory_cluster(spaces=spaces).stale_nodes == []
-    config = ClusterConfig([NodeSpec(f"memory://{s}") for s in spaces], replicas=0, local="memory://")  # hash placement
+    config = ClusterConfig(
+        [NodeSpec(f"memory://{s}") for s in spaces], replicas=0, local="memory://"
+    )  # hash placement
     with caplog.at_level(logging.WARNING, logger="rcllm_sdk.cache"):
         new = ClusterStore("cluster://", "ns", config)
     assert len(new.stale_nodes) == 4 and "re-places them" in caplog.text
@@ -152,6 +169,7 @@ def test_a_node_filled_under_another_shard_map_is_detected(caplog):
 
 
 # -- the engine on a cluster ---------------------------------------------------------------------
+
 
 def item_prompts(n: int, seed: int = 0):
     """Prompts whose item blocks carry item ids (so the cluster can place them)."""
@@ -212,7 +230,9 @@ def test_a_refresh_interrupted_half_way_is_finished_by_running_it_again(monkeypa
     unique = list({b.content_hash: b for b in blocks}.values())
     keys, items = [b.content_hash for b in unique], [b.item_id for b in unique]
     done = sum(cluster.batched_stored(keys, items))
-    assert done == sum(calls) and cluster.nodes[0].get(MANIFEST_KEY) is None  # no half-written block, no manifest
+    assert (
+        done == sum(calls) and cluster.nodes[0].get(MANIFEST_KEY) is None
+    )  # no half-written block, no manifest
     rerun = refresh_blocks(engine, blocks, progress=False)
     assert rerun["already_stored"] == done and rerun["write_failures"] == 0
     assert all(cluster.batched_stored(keys, items)) and cluster.nodes[0].get(MANIFEST_KEY) is not None
@@ -234,6 +254,7 @@ def test_engine_reports_nodes_touched_remote_bytes_and_local_hits():
 
 # -- real servers: 3 LMCache servers + 2 Redis servers ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def servers():
     with ThreadPoolExecutor(5) as pool:
@@ -244,8 +265,15 @@ def servers():
 
 
 def server_cluster(servers, namespace: str, replicas: int = 0) -> ClusterStore:
-    config = ClusterConfig([NodeSpec(s.url) for s in servers], shard_map(len(servers)), replicas=replicas,
-                           local_cpu_gb=0.05, node_buffer_gb=0.03, timeout_s=1.0, retry_s=0.5)
+    config = ClusterConfig(
+        [NodeSpec(s.url) for s in servers],
+        shard_map(len(servers)),
+        replicas=replicas,
+        local_cpu_gb=0.05,
+        node_buffer_gb=0.03,
+        timeout_s=1.0,
+        retry_s=0.5,
+    )
     return ClusterStore("cluster://", namespace, config)
 
 
@@ -257,7 +285,9 @@ def test_blocks_round_trip_bit_exact_through_lmcache_and_redis_nodes(servers):
         assert writer.batched_put(list(values.items()), placement) == []
     with server_cluster(servers, namespace, replicas=1) as reader:
         reads = reader.batched_read(list(values), placement)
-        assert all(same(r.value, values[k]) and r.source == REMOTE for k, r in zip(values, reads))
+        assert all(
+            same(r.value, values[k]) and r.source == REMOTE for k, r in zip(values, reads, strict=False)
+        )
         assert {r.node for r in reads} > {reader.node_urls[0]}  # items came from their shards
 
 
@@ -284,15 +314,22 @@ def test_a_node_killed_mid_stream_changes_no_ranking(servers):
             answered.extend(logits)
             stats.append(cache)
         assert len(answered) == len(prompts)
-        for got, want in zip(answered, reference):
+        for got, want in zip(answered, reference, strict=False):
             assert torch.equal(got.argsort(descending=True), want.argsort(descending=True))
             assert torch.allclose(got, want, atol=1e-5)
         assert sum(s.misses for s in stats[3:]) > 0 and store.node_stats()[victim.url].errors > 0
         system = prompts[0].blocks[0]
         recomputed = engine.compute(lost[:1], engine.compute([system], None)[system.content_hash])
     view = engine.view
-    stored = blockkv.unpack(stored, lost[0].content_hash, len(lost[0].token_ids), view.n_layers, view.n_kv_heads,
-                            view.head_dim, view.dtype)
+    stored = blockkv.unpack(
+        stored,
+        lost[0].content_hash,
+        len(lost[0].token_ids),
+        view.n_layers,
+        view.n_kv_heads,
+        view.head_dim,
+        view.dtype,
+    )
     assert stored is not None and torch.allclose(recomputed[lost[0].content_hash], stored, atol=1e-5)
 
 
@@ -339,7 +376,7 @@ def test_a_block_corrupted_on_a_redis_node_is_rejected_and_recomputed(servers):
         engine = BlockEngine(Ranker(model, None, None, "fp"), store, backend="torch")
         logits, caches = rankings(engine, prompts)
         assert store.node_stats()[redis_nodes[0].url].errors >= 1 and caches[0].misses >= 1
-        for got, want in zip(logits, reference):
+        for got, want in zip(logits, reference, strict=False):
             assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -355,14 +392,17 @@ def test_redis_password_is_used_and_never_logged(tmp_path, monkeypatch, caplog):
                 store.put(1, kv(3))
                 assert store.nodes[0].stats.errors == 0 and store.nodes[0].stats.puts == 1
                 assert "s3cret" not in repr(store.nodes[0]) and "s3cret" not in store.nodes[0].url
-        wrong = ClusterConfig([NodeSpec(f"redis://127.0.0.1:{port}")], local="memory://", node_buffer_gb=0.03,
-                              timeout_s=1.0)
+        wrong = ClusterConfig(
+            [NodeSpec(f"redis://127.0.0.1:{port}")], local="memory://", node_buffer_gb=0.03, timeout_s=1.0
+        )
         with ClusterStore("cluster://", "pw", wrong) as store:  # no password: refused, counted
             store.put(2, kv(3))
             assert store.nodes[0].stats.errors >= 1
         assert "s3cret" not in caplog.text
         # LMCache's own loggers (no propagation, their own handlers) carry the redaction filter
-        lmcache_loggers = [logging.getLogger(n) for n in logging.Logger.manager.loggerDict if n.startswith("lmcache")]
+        lmcache_loggers = [
+            logging.getLogger(n) for n in logging.Logger.manager.loggerDict if n.startswith("lmcache")
+        ]
         unfiltered = [lg.name for lg in lmcache_loggers if lg.handlers and not lg.filters]
         assert lmcache_loggers and not unfiltered
     finally:
@@ -392,23 +432,86 @@ def test_tls_redis_node_needs_its_ca(tmp_path):
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-            "-subj", "/CN=rcllm-test-ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rcllm-test-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "1", "-extfile", "san.cnf")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    )
     port = free_port()
-    cmd = ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--tls-cert-file", str(tmp_path / "server.crt"), "--tls-key-file", str(tmp_path / "server.key"),
-           "--tls-ca-cert-file", str(tmp_path / "ca.crt"), "--tls-auth-clients", "no", "--loglevel", "warning"]
-    server = _wait_ready(Server("redis-server (TLS)", "rediss", port, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)),
-                         _accepts, timeout=15)
+    cmd = [
+        "redis-server",
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--tls-cert-file",
+        str(tmp_path / "server.crt"),
+        "--tls-key-file",
+        str(tmp_path / "server.key"),
+        "--tls-ca-cert-file",
+        str(tmp_path / "ca.crt"),
+        "--tls-auth-clients",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
+    server = _wait_ready(
+        Server("redis-server (TLS)", "rediss", port, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)),
+        _accepts,
+        timeout=15,
+    )
     try:
+
         def cluster(spec):
-            return ClusterStore("cluster://", "tls", ClusterConfig([spec], local="memory://", node_buffer_gb=0.03,
-                                                                  timeout_s=2.0))
+            return ClusterStore(
+                "cluster://",
+                "tls",
+                ClusterConfig([spec], local="memory://", node_buffer_gb=0.03, timeout_s=2.0),
+            )
 
         with cluster(NodeSpec(f"rediss://127.0.0.1:{port}", ca_certs=str(tmp_path / "ca.crt"))) as store:
             store.put(1, kv(4))

@@ -1,5 +1,6 @@
 """Content item LMs (``--item-features content``): relation markers, content embeddings, and the
 materialised Llama the item-lm recipe compiles (pipelines/content_item_lm.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +8,25 @@ import pytest
 import torch
 
 from rcllm_sdk.model.tokenizer import train_tokenizer
-from rcllm_sdk.pipelines.content_item_lm import (Catalogue, ContentItemLM, ContentWindows, _earlier_items,
-                                                  content_features)
+from rcllm_sdk.pipelines.content_item_lm import (
+    Catalogue,
+    ContentItemLM,
+    ContentWindows,
+    _earlier_items,
+    content_features,
+)
 from rcllm_sdk.pipelines.item_lm_ranker import UserBlockWindows, item_lm_config, item_lm_template
 from rcllm_sdk.pipelines.run import catalog_from_repo
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus
 from rcllm_sdk.prompt import ItemInfo, item_token, render
 from rcllm_sdk.prompt.renderer import full_text
-from rcllm_sdk.prompt.template import SAME_CATEGORY_MARKER, SEQUEL_MARKER, PromptTemplate, relation, series_part
+from rcllm_sdk.prompt.template import (
+    SAME_CATEGORY_MARKER,
+    SEQUEL_MARKER,
+    PromptTemplate,
+    relation,
+    series_part,
+)
 
 
 def test_series_and_part_are_read_off_titles():
@@ -31,10 +43,17 @@ def test_relation_markers_open_each_history_line_but_the_first():
     assert relation("Gibu Part 1", "Drama", "Gibu Part 3", "Drama") == SAME_CATEGORY_MARKER
     assert relation("Toy Story (1995)", "Animation", "Toy Story 2 (1999)", "Animation") == SEQUEL_MARKER
     assert relation("Gibu Part 1", "Drama", "Moka Part 1", "Crime") == ""
-    history = [ItemInfo(1, "Gibu Part 1", "Drama"), ItemInfo(2, "Gibu Part 2", "Drama"),
-               ItemInfo(3, "Moka Part 1", "Drama"), ItemInfo(4, "Tavo Part 1", "Crime")]
+    history = [
+        ItemInfo(1, "Gibu Part 1", "Drama"),
+        ItemInfo(2, "Gibu Part 2", "Drama"),
+        ItemInfo(3, "Moka Part 1", "Drama"),
+        ItemInfo(4, "Tavo Part 1", "Crime"),
+    ]
     template = item_lm_template(relation_markers=True)
-    assert template.user_text(history) == f"History:\n<i1>\n{SEQUEL_MARKER}<i2>\n{SAME_CATEGORY_MARKER}<i3>\n<i4>\n<next>\n"
+    assert (
+        template.user_text(history)
+        == f"History:\n<i1>\n{SEQUEL_MARKER}<i2>\n{SAME_CATEGORY_MARKER}<i3>\n<i4>\n<next>\n"
+    )
     assert template.user_text(history[1:]).startswith("History:\n<i2>\n")  # the block's first line: no marker
     assert "<sequel>" not in PromptTemplate().user_text(history)  # off by default
 
@@ -49,8 +68,14 @@ def content_setup(ingested_repo):
     rng = np.random.default_rng(0)
     sequences = [list(rng.choice(len(items), size=12, replace=False)) for _ in range(40)]
     sequences[0][1] = sequences[0][0]  # never mind repeats: only the rows matter here
-    return dict(catalog=catalog, template=template, tok=tok, rows=rows,
-                target=Catalogue.from_sequences(items, sequences), windows=ContentWindows(template, tok))
+    return dict(
+        catalog=catalog,
+        template=template,
+        tok=tok,
+        rows=rows,
+        target=Catalogue.from_sequences(items, sequences),
+        windows=ContentWindows(template, tok),
+    )
 
 
 def test_relation_markers_keep_the_blocks_equal_to_the_whole_prompts_tokens(content_setup):
@@ -59,7 +84,10 @@ def test_relation_markers_keep_the_blocks_equal_to_the_whole_prompts_tokens(cont
     history, candidates = items[:9], items[20:26]
     assert any(m in template.user_text(history) for m in (SEQUEL_MARKER, SAME_CATEGORY_MARKER))
     prompt = render(history, candidates, template, tok, "fp")
-    assert prompt.input_ids == tok(full_text(history, candidates, template), add_special_tokens=False)["input_ids"]
+    assert (
+        prompt.input_ids
+        == tok(full_text(history, candidates, template), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_content_windows_are_the_rendered_user_block_with_items_left_to_content(content_setup):
@@ -69,8 +97,12 @@ def test_content_windows_are_the_rendered_user_block_with_items_left_to_content(
     encoded = content_setup["windows"].encode(content_setup["target"], window[:-1], window[-1])
     item_tokens = UserBlockWindows(catalog, template, tok).item_token_ids
     as_tokens = [int(item_tokens[-t - 1]) if t < 0 else t for t in encoded]
-    rendered = tok(template.system + template.user_text([items[r] for r in window[:-1]]), add_special_tokens=False)
-    assert as_tokens == rendered["input_ids"][:-1] + [tok.convert_tokens_to_ids(item_token(items[window[-1]].item_id))]
+    rendered = tok(
+        template.system + template.user_text([items[r] for r in window[:-1]]), add_special_tokens=False
+    )
+    assert as_tokens == rendered["input_ids"][:-1] + [
+        tok.convert_tokens_to_ids(item_token(items[window[-1]].item_id))
+    ]
 
 
 def test_an_item_is_predicted_before_its_own_relation_marker(content_setup):
@@ -105,13 +137,22 @@ def test_earlier_items_masks_what_came_before_each_target_in_its_window():
 
 
 def test_content_embeddings_belong_to_content_not_to_items():
-    items = [ItemInfo(1, "Gibu Part 2", "Drama"), ItemInfo(2, "Gibu Part 2", "Drama"),
-             ItemInfo(3, "Moka Part 2", "Drama"), ItemInfo(4, "Gibu Part 2", "Drama|Crime")]
+    items = [
+        ItemInfo(1, "Gibu Part 2", "Drama"),
+        ItemInfo(2, "Gibu Part 2", "Drama"),
+        ItemInfo(3, "Moka Part 2", "Drama"),
+        ItemInfo(4, "Gibu Part 2", "Drama|Crime"),
+    ]
     features = content_features(items, np.array([5, 5, 5, 5]))
     assert features.part.tolist() == [2, 2, 2, 2]
     assert (features.categories[3] != features.categories[0]).any()
-    model = ContentItemLM(item_lm_config(train_tokenizer(["x"], [1, 2, 3, 4], item_lm_template(relation_markers=True),
-                                                         300), "micro", tie=False))
+    model = ContentItemLM(
+        item_lm_config(
+            train_tokenizer(["x"], [1, 2, 3, 4], item_lm_template(relation_markers=True), 300),
+            "micro",
+            tie=False,
+        )
+    )
     for side in model.content(features):
         assert torch.equal(side[0], side[1])  # same content: same embedding, whatever the item id
         assert not torch.allclose(side[0], side[2]) and not torch.allclose(side[0], side[3])
@@ -126,10 +167,16 @@ def test_the_materialized_llama_predicts_like_the_content_model(content_setup):
     encoded = windows.encode(target, [1, 2, 3, 7], 8)[:-1]  # up to the marker
     inputs, outputs = model.content(target.features)
     ids = torch.tensor([encoded])
-    embeds = torch.where((ids < 0)[..., None], inputs[(-ids - 1).clamp(min=0)], model.llama.model.embed_tokens(ids.clamp(min=0)))
+    embeds = torch.where(
+        (ids < 0)[..., None],
+        inputs[(-ids - 1).clamp(min=0)],
+        model.llama.model.embed_tokens(ids.clamp(min=0)),
+    )
     with torch.no_grad():
         want = model.llama.model(inputs_embeds=embeds).last_hidden_state[0, -1] @ outputs.T
-        item_tokens = UserBlockWindows(content_setup["catalog"], content_setup["template"], tok).item_token_ids
+        item_tokens = UserBlockWindows(
+            content_setup["catalog"], content_setup["template"], tok
+        ).item_token_ids
         llama = model.materialize(target, item_tokens)
         as_tokens = torch.tensor([[int(item_tokens[-t - 1]) if t < 0 else t for t in encoded]])
         got = llama(input_ids=as_tokens).logits[0, -1, item_tokens]
@@ -140,9 +187,19 @@ def test_content_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     from rcllm_sdk import RcRecommender
     from rcllm_sdk.pipelines.run import train_from_repo
 
-    config = TrainConfig(recipe="item-lm", size="micro", steps=20, batch_size=8, vocab_size=600, max_examples=300,
-                         item_features="content", pretrain_worlds=1)
-    summary = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)["summary"]
+    config = TrainConfig(
+        recipe="item-lm",
+        size="micro",
+        steps=20,
+        batch_size=8,
+        vocab_size=600,
+        max_examples=300,
+        item_features="content",
+        pretrain_worlds=1,
+    )
+    summary = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)[
+        "summary"
+    ]
     assert summary["item_features"] == "content" and summary["compiled_top1_agreement"] >= 0.95
     full = RcRecommender.from_feature_store(ingested_repo, model=tmp_path / "ranker", mode="full")
     cached = RcRecommender.from_feature_store(ingested_repo, model=tmp_path / "ranker", mode="rcllm")
@@ -156,13 +213,25 @@ def test_relation_markers_and_content_features_go_together(ingested_repo, tmp_pa
 
     config = TrainConfig(recipe="item-lm", size="micro", steps=1, batch_size=2, vocab_size=600)
     with pytest.raises(ValueError, match="relation markers"):
-        train_item_lm_ranker([], catalog_from_repo(ingested_repo), tmp_path, config,
-                             template=item_lm_template(relation_markers=True), progress=False)
+        train_item_lm_ranker(
+            [],
+            catalog_from_repo(ingested_repo),
+            tmp_path,
+            config,
+            template=item_lm_template(relation_markers=True),
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("option", [dict(item_features="content"), dict(recipe="item-lm", pretrain_worlds=2),
-                                    dict(recipe="item-lm", item_features="words"),
-                                    dict(recipe="item-lm", item_features="content", pretrain_worlds=-1)])
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(item_features="content"),
+        dict(recipe="item-lm", pretrain_worlds=2),
+        dict(recipe="item-lm", item_features="words"),
+        dict(recipe="item-lm", item_features="content", pretrain_worlds=-1),
+    ],
+)
 def test_train_config_rejects_content_options_where_they_cannot_apply(option):
     with pytest.raises(ValueError):
         TrainConfig(**{"size": "micro", **option})

@@ -1,4 +1,5 @@
 """Generate -> ingest (Feast) -> train a micro ranker -> recommend -> evaluate, on a temp-dir repo."""
+
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def test_feast_round_trip_serves_histories_without_test_items(ingested_repo):
     interactions = pl.read_parquet(ingested_repo / "data" / "interactions.parquet")
     client = FeatureClient(ingested_repo)
     users = interactions["user_id"].unique().sort().to_list()[:5]
-    for user, (items, stamps) in zip(users, client.histories(users)):
+    for user, (items, stamps) in zip(users, client.histories(users), strict=False):
         mine = interactions.filter(pl.col("user_id") == user).sort("position")
         assert items == mine.filter(pl.col("split") != "test")["item_id"].to_list()
         assert stamps == mine.filter(pl.col("split") != "test")["timestamp"].to_list()
@@ -73,13 +74,21 @@ def test_errors_and_cold_start(trained_repo, tmp_path):
 
 
 def test_evaluate_writes_the_report(trained_repo, tmp_path):
-    from rcllm_sdk.evaluation.evaluate import evaluate
     from conftest import TINY
+    from rcllm_sdk.evaluation.evaluate import evaluate
 
     repo, result = trained_repo
     out = tmp_path / "report.json"
-    report = evaluate("synthetic", None, out, model=str(result["model_dir"]), repo=repo, synthetic=TINY,
-                      timing_samples=5, progress=False)
+    report = evaluate(
+        "synthetic",
+        None,
+        out,
+        model=str(result["model_dir"]),
+        repo=repo,
+        synthetic=TINY,
+        timing_samples=5,
+        progress=False,
+    )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["users"] == TINY.n_users
@@ -91,7 +100,9 @@ def test_evaluate_writes_the_report(trained_repo, tmp_path):
             assert metric in entry["in_candidates"]
     assert full["recall@10"] <= retr["in_candidates"]["users"] / saved["users"] + 1e-9
     assert full["ttft_ms_p50"] > 0 and "ttft_ms_p99" not in full  # p99 needs >= 100 samples
-    schema = json.loads((Path(__file__).parents[1] / "evaluation" / "schemas" / "evaluate.schema.json").read_text())
+    schema = json.loads(
+        (Path(__file__).parents[1] / "evaluation" / "schemas" / "evaluate.schema.json").read_text()
+    )
     jsonschema.validate(saved, schema)
     results = saved["results"]
     assert {"prefix", "rcllm", "rcllm:none", "control:wrong_history"} <= set(results)

@@ -1,4 +1,5 @@
 """The example reports shipped beside the JSON Schemas follow them (README points users at both)."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """The item-LM recipe: a trained item LM with the label lookup compiled around it (pipelines/item_lm_ranker.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +9,24 @@ import pytest
 import torch
 
 from rcllm_sdk.cache.memory import MemoryStore
+from rcllm_sdk.ingest import read_manifest
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.pipelines.examples import BlockEncoder, build_examples
-from rcllm_sdk.pipelines.item_lm_ranker import (UserBlockWindows, _EarlyStopping, _ItemLoss, validation_split,
-                                                 candidate_scores, compile_ranker, item_lm_template,
-                                                 score_basis, train_item_lm)
+from rcllm_sdk.pipelines.item_lm_ranker import (
+    UserBlockWindows,
+    _EarlyStopping,
+    _ItemLoss,
+    candidate_scores,
+    compile_ranker,
+    item_lm_template,
+    score_basis,
+    train_item_lm,
+    validation_split,
+)
 from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus
-from rcllm_sdk.ingest import read_manifest
 from rcllm_sdk.prompt import item_token, render
 from rcllm_sdk.prompt.template import NEXT_MARKER, PromptTemplate
 from rcllm_sdk.runtime.engine import BlockEngine
@@ -35,9 +44,12 @@ def compiled(ingested_repo):
     tok = train_tokenizer(tokenizer_corpus(catalog, template), catalog.keys(), template, 600)
     windows = UserBlockWindows(catalog, template, tok)
     groups = cross_fitted_groups(ingested_repo, read_manifest(ingested_repo))
-    base, _, _ = train_item_lm([s for g, _ in groups for s in g], windows,
-                               TrainConfig(recipe="item-lm", size="micro", steps=40, batch_size=8, candidates=K),
-                               progress=False)
+    base, _, _ = train_item_lm(
+        [s for g, _ in groups for s in g],
+        windows,
+        TrainConfig(recipe="item-lm", size="micro", steps=40, batch_size=8, candidates=K),
+        progress=False,
+    )
     examples, _ = build_examples(groups, K, max_examples=400, seed=0)
     prompts = [BlockEncoder(catalog, template, tok).encode(e)[0] for e in examples]
     candidates = [[tok.convert_tokens_to_ids(item_token(i)) for i in e.candidates] for e in examples]
@@ -46,8 +58,17 @@ def compiled(ingested_repo):
     tau, bias = 3.0 / float(scores.std()), np.linspace(0.5, -0.5, K)
     model = compile_ranker(base, tok, template, tau, bias, basis, windows.item_token_ids, prompts[:64])
     expected = tau * scores + torch.tensor(bias, dtype=torch.float32)
-    return dict(base=base, model=model, tok=tok, template=template, catalog=catalog, examples=examples,
-                prompts=prompts, expected=expected, windows=windows)
+    return dict(
+        base=base,
+        model=model,
+        tok=tok,
+        template=template,
+        catalog=catalog,
+        examples=examples,
+        prompts=prompts,
+        expected=expected,
+        windows=windows,
+    )
 
 
 def _label_scores(model, tok, prompts):
@@ -73,9 +94,12 @@ def test_the_compiled_model_computes_the_item_lms_states_up_to_the_marker(compil
     prompt = compiled["prompts"][0]
     ids = torch.tensor([prompt[: prompt.index(compiled["windows"].marker_id) + 1]])
     seen = {}
-    hooks = [base.model.norm.register_forward_pre_hook(lambda _, x: seen.__setitem__("base", x[0])),
-             model.model.layers[len(base.model.layers)].input_layernorm.register_forward_pre_hook(
-                 lambda _, x: seen.__setitem__("compiled", x[0]))]
+    hooks = [
+        base.model.norm.register_forward_pre_hook(lambda _, x: seen.__setitem__("base", x[0])),
+        model.model.layers[len(base.model.layers)].input_layernorm.register_forward_pre_hook(
+            lambda _, x: seen.__setitem__("compiled", x[0])
+        ),
+    ]
     with torch.no_grad():
         base(input_ids=ids), model(input_ids=ids)
     for hook in hooks:
@@ -94,17 +118,23 @@ def test_rcllm_default_policy_ranks_like_full_prefill(compiled, text_words):
     tok, catalog = compiled["tok"], compiled["catalog"]
     template = dataclasses.replace(compiled["template"], item_text_words=text_words)
     ranker = Ranker(compiled["model"], tok, template, "item-lm-test")
-    engine = BlockEngine(ranker, MemoryStore("memory://", f"item-lm-test-{text_words}"), "block_head:2", backend="torch")
+    engine = BlockEngine(
+        ranker, MemoryStore("memory://", f"item-lm-test-{text_words}"), "block_head:2", backend="torch"
+    )
     examples = compiled["examples"][64:80]
-    prompts = [render([catalog[i] for i in e.history], [catalog[i] for i in e.candidates], template, tok,
-                      "item-lm-test") for e in examples]
+    prompts = [
+        render(
+            [catalog[i] for i in e.history], [catalog[i] for i in e.candidates], template, tok, "item-lm-test"
+        )
+        for e in examples
+    ]
     labels = [label_token_ids(tok, list(p.labels)) for p in prompts]
     reference = score_full(compiled["model"], [p.input_ids for p in prompts], labels, tok.pad_token_id)
     assert text_words == 0 or min(len(p.blocks[3].token_ids) for p in prompts) > 8
     for _ in range(2):  # cold, then from the store
         scored = engine.score(prompts, labels)
         engine.flush()
-        for s, r in zip(scored, reference):
+        for s, r in zip(scored, reference, strict=False):
             # Same top candidate; the scores carry large constants, so reused (rotated) keys move
             # them by float32 rounding, about 1e-3 relative.
             assert int(s.logits.argmax()) == int(r.argmax())
@@ -117,7 +147,9 @@ def test_train_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     from rcllm_sdk.model.ranker import load_ranker
     from rcllm_sdk.pipelines.run import train_from_repo
 
-    config = TrainConfig(recipe="item-lm", size="micro", steps=20, batch_size=8, vocab_size=600, max_examples=300)
+    config = TrainConfig(
+        recipe="item-lm", size="micro", steps=20, batch_size=8, vocab_size=600, max_examples=300
+    )
     result = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)
     summary = result["summary"]
     assert summary["recipe"] == "item-lm" and summary["compiled_top1_agreement"] >= 0.95
@@ -131,8 +163,16 @@ def test_train_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
         load_ranker(tmp_path / "ranker", dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("option", [dict(block_aware=True), dict(history_lm_weight=1.0), dict(candidates=40),
-                                    dict(item_lm_rank=500), dict(recipe="nonsense")])
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(block_aware=True),
+        dict(history_lm_weight=1.0),
+        dict(candidates=40),
+        dict(item_lm_rank=500),
+        dict(recipe="nonsense"),
+    ],
+)
 def test_train_config_rejects_what_the_item_lm_recipe_cannot_do(option):
     with pytest.raises(ValueError):
         TrainConfig(**{"recipe": "item-lm", "size": "small", **option})
@@ -180,12 +220,14 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_checks()
 
 def test_item_lm_returns_the_weights_of_its_best_validation_check(compiled, ingested_repo):
     groups = cross_fitted_groups(ingested_repo, read_manifest(ingested_repo))
-    config = TrainConfig(recipe="item-lm", size="micro", steps=60, batch_size=8, lr=3e-2, candidates=K,
-                         item_lm_patience=2)
+    config = TrainConfig(
+        recipe="item-lm", size="micro", steps=60, batch_size=8, lr=3e-2, candidates=K, item_lm_patience=2
+    )
     sequences = [s for g, _ in groups for s in g]
     model, _, record = train_item_lm(sequences, compiled["windows"], config, progress=False)
     _, validation = validation_split(sequences, compiled["windows"].encode, config)
     assert validation and record["item_lm_validation_history"]
     assert min(loss for _, loss in record["item_lm_validation_history"]) == record["item_lm_validation_loss"]
-    assert _ItemLoss(compiled["windows"]).evaluate(model, validation) == pytest.approx(record["item_lm_validation_loss"],
-                                                                                       abs=1e-3)
+    assert _ItemLoss(compiled["windows"]).evaluate(model, validation) == pytest.approx(
+        record["item_lm_validation_loss"], abs=1e-3
+    )

@@ -5,6 +5,7 @@ Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set
 tests only). bf16 needs a GPU: those cases exist only when CUDA is present and carry the ``gpu``
 marker, which pyproject deselects by default (run them with ``-m gpu``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # atol = rtol
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")] + (
-    [pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)] if CUDA else [])
+    [pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)] if CUDA else []
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,8 +35,16 @@ def triton_interpreter():
         yield
 
 
-def pack(keys: list[torch.Tensor], queries: list[torch.Tensor], hq: int, hkv: int, d: int, dtype,
-         seed: int = 0, device: str = DEVICE) -> tuple[torch.Tensor, ...]:
+def pack(
+    keys: list[torch.Tensor],
+    queries: list[torch.Tensor],
+    hq: int,
+    hkv: int,
+    d: int,
+    dtype,
+    seed: int = 0,
+    device: str = DEVICE,
+) -> tuple[torch.Tensor, ...]:
     """Random q/k/v for requests given by their key and query positions -> the packed arguments."""
     g = torch.Generator().manual_seed(seed)
     n_q, n_k = sum(len(p) for p in queries), sum(len(p) for p in keys)
@@ -50,12 +60,22 @@ def mixed_requests(seed: int = 0, sorted_keys: bool = True) -> tuple[list, list]
     placed before every key (they see nothing). Key positions are gappy."""
     g = torch.Generator().manual_seed(seed)
     keys, queries = [], []
-    for n_k, kind in ((37, "scattered"), (0, "no_keys"), (50, "complete"), (21, "single"), (16, "empty"),
-                      (29, "blind")):
+    for n_k, kind in (
+        (37, "scattered"),
+        (0, "no_keys"),
+        (50, "complete"),
+        (21, "single"),
+        (16, "empty"),
+        (29, "blind"),
+    ):
         pos = torch.randperm(3 * n_k + 1, generator=g)[:n_k] + 2
         pos = pos.sort().values if sorted_keys else pos
-        rows = {"scattered": torch.randperm(n_k, generator=g)[:n_k // 3], "complete": torch.arange(n_k),
-                "single": torch.tensor([n_k // 2]), "empty": torch.arange(0)}.get(kind)
+        rows = {
+            "scattered": torch.randperm(n_k, generator=g)[: n_k // 3],
+            "complete": torch.arange(n_k),
+            "single": torch.tensor([n_k // 2]),
+            "empty": torch.arange(0),
+        }.get(kind)
         extra = torch.tensor([0, 1]) if kind in ("no_keys", "blind") else torch.arange(0)
         queries.append(torch.cat([pos[rows] if rows is not None else torch.arange(0), extra]))
         keys.append(pos)
@@ -75,7 +95,9 @@ def naive_attention(q, k, v, q_pos, k_pos, cu_q, cu_k, scale) -> torch.Tensor:
                 scores = [float(q[i, h].double() @ k[j, h // groups].double()) * scale for j in seen]
                 top = max(scores)
                 weights = [math.exp(s - top) for s in scores]
-                out[i, h] = sum(w * v[j, h // groups].double() for w, j in zip(weights, seen)) / sum(weights)
+                out[i, h] = sum(
+                    w * v[j, h // groups].double() for w, j in zip(weights, seen, strict=False)
+                ) / sum(weights)
     return out
 
 
@@ -102,6 +124,7 @@ def exact_case(device: str = DEVICE) -> tuple[tuple, torch.Tensor]:
 
 # --- the reference -------------------------------------------------------------------------------
 
+
 def test_reference_on_hand_made_case():
     args, expected = exact_case("cpu")
     torch.testing.assert_close(selective_attention_torch(*args), expected, atol=1e-6, rtol=1e-6)
@@ -112,7 +135,9 @@ def test_reference_matches_naive_loop(hq, hkv):
     keys, queries = mixed_requests(seed=1, sorted_keys=False)
     args = pack(keys, queries, hq, hkv, 16, torch.float32, seed=2, device="cpu")
     expected = naive_attention(*args, scale=0.3)
-    torch.testing.assert_close(selective_attention_torch(*args, scale=0.3).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        selective_attention_torch(*args, scale=0.3).double(), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_reference_half_input_keeps_dtype_and_matches_fp32():
@@ -124,6 +149,7 @@ def test_reference_half_input_keeps_dtype_and_matches_fp32():
 
 
 # --- the kernel against the reference --------------------------------------------------------------
+
 
 def test_kernel_on_hand_made_case():
     args, expected = exact_case()
@@ -146,8 +172,9 @@ def test_kernel_unsorted_keys_and_int32_indices(dtype):
     keys, queries = mixed_requests(seed=5, sorted_keys=False)
     q, k, v, q_pos, k_pos, cu_q, cu_k = pack(keys, queries, 4, 2, 64, dtype, seed=5)
     args = (q, k, v, q_pos.int(), k_pos.int(), cu_q.int(), cu_k.int())
-    torch.testing.assert_close(selective_attention_triton(*args), selective_attention_torch(*args),
-                               atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(
+        selective_attention_triton(*args), selective_attention_torch(*args), atol=TOL[dtype], rtol=TOL[dtype]
+    )
 
 
 def test_kernel_strided_inputs_and_scale():
@@ -160,8 +187,12 @@ def test_kernel_strided_inputs_and_scale():
     k, v = fused[:, 4:6], fused[:, 6:8]
     q = torch.randn(n_q, 32, 4, device=DEVICE).transpose(1, 2)  # [n_q, 4, 32], stride(-1) == 4
     args = (q, k, v, q_pos, k_pos, cu_q, cu_k)
-    torch.testing.assert_close(selective_attention_triton(*args, scale=0.5),
-                               selective_attention_torch(*args, scale=0.5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        selective_attention_triton(*args, scale=0.5),
+        selective_attention_torch(*args, scale=0.5),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_kernel_no_rows_at_all():
@@ -175,7 +206,10 @@ BAD_INPUTS = [  # (replacements for the good arguments, expected message)
     (lambda a: dict(q=a["q"][:, 0]), "q must be \\[tokens, heads, head_dim\\]"),
     (lambda a: dict(v=a["v"][:-1]), "k and v must have the same shape"),
     (lambda a: dict(q=a["q"][..., :8]), "same head_dim"),
-    (lambda a: dict(q=torch.zeros(3, 2, 48), k=torch.zeros(6, 2, 48), v=torch.zeros(6, 2, 48)), "power of two"),
+    (
+        lambda a: dict(q=torch.zeros(3, 2, 48), k=torch.zeros(6, 2, 48), v=torch.zeros(6, 2, 48)),
+        "power of two",
+    ),
     (lambda a: dict(q=torch.zeros(3, 3, 16)), "query heads \\(3\\) must be a multiple of KV heads \\(2\\)"),
     (lambda a: dict(k=a["k"].half()), "share one dtype"),
     (lambda a: dict(q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), "share one dtype of fp16/bf16/fp32"),
@@ -193,9 +227,15 @@ BAD_INPUTS = [  # (replacements for the good arguments, expected message)
 
 @pytest.mark.parametrize("edit,message", BAD_INPUTS)
 def test_wrapper_rejects_bad_inputs(edit, message):
-    args = dict(q=torch.zeros(3, 2, 16), k=torch.zeros(6, 2, 16), v=torch.zeros(6, 2, 16),
-                q_pos=torch.tensor([0, 1, 2]), k_pos=torch.arange(6), cu_q=torch.tensor([0, 1, 1, 3]),
-                cu_k=torch.tensor([0, 2, 4, 6]))
+    args = dict(
+        q=torch.zeros(3, 2, 16),
+        k=torch.zeros(6, 2, 16),
+        v=torch.zeros(6, 2, 16),
+        q_pos=torch.tensor([0, 1, 2]),
+        k_pos=torch.arange(6),
+        cu_q=torch.tensor([0, 1, 1, 3]),
+        cu_k=torch.tensor([0, 2, 4, 6]),
+    )
     args.update(edit(args))
     with pytest.raises(ValueError, match=message):
         selective_attention_triton(**args)
@@ -209,6 +249,7 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 
 # --- the dispatcher -------------------------------------------------------------------------------
+
 
 def test_auto_backend_on_cpu_takes_the_torch_path(monkeypatch):
     def fail(*args, **kwargs):
@@ -240,6 +281,7 @@ def test_unknown_backend_is_rejected():
 
 
 if not CUDA:  # with a GPU the bench itself is the check; older Triton interpreters (3.6) also fail it there
+
     def test_kernel_bench_cpu_smoke(tmp_path, monkeypatch):
         from rcllm_sdk.evaluation import kernel_bench
 
@@ -252,13 +294,27 @@ if not CUDA:  # with a GPU the bench itself is the check; older Triton interpret
 
 
 if CUDA:  # the compiled kernel at serving-like sizes and other head dims; not collected without a GPU
+
     @pytest.mark.gpu
-    @pytest.mark.parametrize("dtype,d", [(torch.float16, 128), (torch.bfloat16, 128), (torch.float32, 128),
-                                         (torch.float16, 32), (torch.bfloat16, 256), (torch.float32, 64)])
+    @pytest.mark.parametrize(
+        "dtype,d",
+        [
+            (torch.float16, 128),
+            (torch.bfloat16, 128),
+            (torch.float32, 128),
+            (torch.float16, 32),
+            (torch.bfloat16, 256),
+            (torch.float32, 64),
+        ],
+    )
     def test_kernel_serving_shapes_on_gpu(dtype, d):
         g = torch.Generator().manual_seed(d)
         keys = [torch.arange(n) for n in (700, 1500, 64, 333)]
-        queries = [p[torch.randperm(len(p), generator=g)[:max(1, len(p) // 10)]].sort().values for p in keys]
+        queries = [p[torch.randperm(len(p), generator=g)[: max(1, len(p) // 10)]].sort().values for p in keys]
         args = pack(keys, queries, 32, 8, d, dtype, seed=d)
-        torch.testing.assert_close(selective_attention_triton(*args), selective_attention_torch(*args),
-                                   atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(
+            selective_attention_triton(*args),
+            selective_attention_torch(*args),
+            atol=TOL[dtype],
+            rtol=TOL[dtype],
+        )

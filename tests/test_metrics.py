@@ -6,7 +6,9 @@ from rcllm_sdk.evaluation.metrics import METRICS, bootstrap_ci, paired_differenc
 
 def test_metrics_on_hand_written_ranks():
     ranks = np.array([0, 1, 4, 9, 10, -1])  # 0-based rank of the truth; -1 = not retrieved
-    assert METRICS["ndcg@10"](ranks) == pytest.approx([1, 1 / np.log2(3), 1 / np.log2(6), 1 / np.log2(11), 0, 0])
+    assert METRICS["ndcg@10"](ranks) == pytest.approx(
+        [1, 1 / np.log2(3), 1 / np.log2(6), 1 / np.log2(11), 0, 0]
+    )
     assert METRICS["ndcg@5"](ranks) == pytest.approx([1, 1 / np.log2(3), 1 / np.log2(6), 0, 0, 0])
     assert METRICS["recall@5"](ranks).tolist() == [1, 1, 1, 0, 0, 0]
     assert METRICS["recall@10"](ranks).tolist() == [1, 1, 1, 1, 0, 0]

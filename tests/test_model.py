@@ -1,4 +1,5 @@
 """Ranker save/load round trip, fingerprints, load errors and full-prefill scoring vs the HF forward."""
+
 import json
 
 import pytest
@@ -38,7 +39,7 @@ def test_batched_padded_scores_equal_the_plain_hf_forward(saved):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("alpha beta <i3> gamma", "delta")]
     labels = label_token_ids(tok, ["A", "B"])
     batched = score_full(ranker.model, prompts, [labels, labels], tok.pad_token_id)
-    for ids, got in zip(prompts, batched):
+    for ids, got in zip(prompts, batched, strict=False):
         with torch.no_grad():
             ref = ranker.model(torch.tensor([ids])).logits[0, -1, labels]
         assert torch.allclose(got, ref, atol=1e-5)
@@ -87,8 +88,16 @@ def test_other_rotary_families_load_and_score(saved, tmp_path, family):
 
     ranker, _ = saved
     tok = ranker.tokenizer
-    config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     folder = tmp_path / family
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)

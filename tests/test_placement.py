@@ -1,12 +1,21 @@
 """Item placement: balance, locality against hash, purity of shard_for, the JSON form, add/rebalance."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rcllm_sdk.cache.placement import (ShardMap, add_items, balance_bounds, hash_placement, hash_shard, rebalance,
-                                       shard_for, similarity_placement)
+from rcllm_sdk.cache.placement import (
+    ShardMap,
+    add_items,
+    balance_bounds,
+    hash_placement,
+    hash_shard,
+    rebalance,
+    shard_for,
+    similarity_placement,
+)
 from rcllm_sdk.errors import ConfigError
 
 
@@ -21,7 +30,7 @@ def clustered(n: int, n_clusters: int, dim: int = 16, seed: int = 0, weights=Non
 
 def neighbour_shards(shard_map: ShardMap, ids: np.ndarray, x: np.ndarray, k: int = 20) -> float:
     """Mean distinct shards among each item's ``k`` nearest neighbours (cosine)."""
-    neighbours = np.argsort(-(x @ x.T), axis=1)[:, 1:k + 1]
+    neighbours = np.argsort(-(x @ x.T), axis=1)[:, 1 : k + 1]
     shards = np.array([shard_map.shard_for(int(i)) for i in ids])
     return float(np.mean([len(set(shards[row])) for row in neighbours]))
 
@@ -85,15 +94,18 @@ def test_all_zero_embeddings_still_give_a_balanced_map():
     assert sorted(m.sizes().tolist()) == [12, 12, 13, 13]
 
 
-@pytest.mark.parametrize("args, message", [
-    (([1, 2, 3], np.ones((3, 2)), 0), "n_shards must be an integer >= 1"),
-    (([1, 2, 3], np.ones((3, 2)), 4), "more than the 3 items"),
-    (([1, 2, 3], np.ones((2, 2)), 2), "embeddings must be \\[n_items, dim\\] with n_items=3"),
-    (([1, 2, 3], np.ones(3), 2), "embeddings must be"),
-    (([1, 2, 3], np.array([[1.0, np.nan], [0, 1], [1, 1]]), 2), "1 rows with NaN or inf"),
-    (([1, 1, 3], np.ones((3, 2)), 2), "duplicates"),
-    (([1.5, 2, 3], np.ones((3, 2)), 2), "integers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([1, 2, 3], np.ones((3, 2)), 0), "n_shards must be an integer >= 1"),
+        (([1, 2, 3], np.ones((3, 2)), 4), "more than the 3 items"),
+        (([1, 2, 3], np.ones((2, 2)), 2), "embeddings must be \\[n_items, dim\\] with n_items=3"),
+        (([1, 2, 3], np.ones(3), 2), "embeddings must be"),
+        (([1, 2, 3], np.array([[1.0, np.nan], [0, 1], [1, 1]]), 2), "1 rows with NaN or inf"),
+        (([1, 1, 3], np.ones((3, 2)), 2), "duplicates"),
+        (([1.5, 2, 3], np.ones((3, 2)), 2), "integers"),
+    ],
+)
 def test_bad_inputs_raise_config_error_saying_what_is_wrong(args, message):
     with pytest.raises(ConfigError, match=message):
         similarity_placement(*args)
@@ -133,10 +145,12 @@ def test_hash_placement_places_every_id_by_the_stable_hash():
 def test_map_id_changes_with_assignment_version_and_shard_count():
     base = ShardMap("similarity", 2, 1, {1: 0, 2: 1}, np.eye(2))
     assert ShardMap("similarity", 2, 1, {1: 0, 2: 1}, np.eye(2)).map_id == base.map_id
-    others = [ShardMap("similarity", 2, 1, {1: 1, 2: 0}, np.eye(2)),  # assignment
-              ShardMap("similarity", 2, 2, {1: 0, 2: 1}, np.eye(2)),  # version
-              ShardMap("similarity", 2, 1, {1: 0, 2: 1, 3: 0}, np.eye(2)),  # one more item
-              ShardMap("similarity", 2, 1, {1: 0, 2: 1}, 2 * np.eye(2))]  # centroids
+    others = [
+        ShardMap("similarity", 2, 1, {1: 1, 2: 0}, np.eye(2)),  # assignment
+        ShardMap("similarity", 2, 2, {1: 0, 2: 1}, np.eye(2)),  # version
+        ShardMap("similarity", 2, 1, {1: 0, 2: 1, 3: 0}, np.eye(2)),  # one more item
+        ShardMap("similarity", 2, 1, {1: 0, 2: 1}, 2 * np.eye(2)),
+    ]  # centroids
     assert len({base.map_id} | {o.map_id for o in others}) == 5
     assert hash_placement([1, 2, 3], 2).map_id != hash_placement([1, 2, 3], 3).map_id
     assert len(base.map_id) == 16 and int(base.map_id, 16) >= 0
@@ -153,12 +167,15 @@ def test_json_round_trip_keeps_everything(tmp_path):
     assert ShardMap.load(tmp_path / "h.json") == hash_placement(IDS, 4)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "cannot read shard map"),
-    (json.dumps({"format": "something-else", "format_version": 1}), "is not a shard map"),
-    (json.dumps({"format": "rcllm-shard-map", "format_version": 99}), "is not a shard map"),
-    (json.dumps({"format": "rcllm-shard-map", "format_version": 1, "method": "hash"}), "malformed"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "cannot read shard map"),
+        (json.dumps({"format": "something-else", "format_version": 1}), "is not a shard map"),
+        (json.dumps({"format": "rcllm-shard-map", "format_version": 99}), "is not a shard map"),
+        (json.dumps({"format": "rcllm-shard-map", "format_version": 1, "method": "hash"}), "malformed"),
+    ],
+)
 def test_load_rejects_corrupt_or_foreign_files_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -192,7 +209,9 @@ def test_add_items_keeps_old_assignments_and_respects_room():
     grown = add_items(m, np.arange(5000, 5200), crowd)
     _, high = balance_bounds(1000, 4)
     assert grown.version == 2 and grown.sizes().sum() == 1000
-    assert grown.sizes().max() <= high and grown.sizes()[0] == high  # shard 0 filled up, then the rest went elsewhere
+    assert (
+        grown.sizes().max() <= high and grown.sizes()[0] == high
+    )  # shard 0 filled up, then the rest went elsewhere
     assert all(grown.item_shard[i] == s for i, s in m.item_shard.items())
 
 
@@ -223,8 +242,9 @@ def test_rebalance_sends_excess_to_short_shards_first():
     # one of them fills shard 2, although shard 1 is the cheaper destination for all three (and
     # item 10 would be the cheapest to pull into shard 2 afterwards: a fourth move).
     x = np.array([[1, 0, 0]] * 6 + [[0.3, 0.7, 0]] * 3 + [[0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]], np.float32)
-    skewed = ShardMap("similarity", 3, 1, {i: (0 if i < 9 else 1 if i < 11 else 2) for i in range(12)},
-                      np.eye(3), slack=0.5)
+    skewed = ShardMap(
+        "similarity", 3, 1, {i: (0 if i < 9 else 1 if i < 11 else 2) for i in range(12)}, np.eye(3), slack=0.5
+    )
     fixed, moves = rebalance(skewed, range(12), x)
     assert moves == {6: (0, 2), 7: (0, 1), 8: (0, 1)} and fixed.sizes().tolist() == [6, 4, 2]
 
@@ -287,8 +307,12 @@ def test_placement_rows_on_clustered_requests():
     groups = [IDS[labels == g] for g in range(12) if (labels == g).sum() >= 20]
     requests = [rng.choice(groups[rng.integers(len(groups))], 20, replace=False).tolist() for _ in range(200)]
     rows = placement_rows("toy", IDS, X, requests, block_bytes=1000, shards=(4, 8))
-    assert [(r["shards"], r["placement"]) for r in rows] == [(4, "similarity"), (4, "hash"),
-                                                              (8, "similarity"), (8, "hash")]
+    assert [(r["shards"], r["placement"]) for r in rows] == [
+        (4, "similarity"),
+        (4, "hash"),
+        (8, "similarity"),
+        (8, "hash"),
+    ]
     for r in rows:
         assert r["dataset"] == "toy" and r["requests"] == 200
         assert 1.0 <= r["nodes_per_request"] <= r["shards"]
@@ -319,9 +343,16 @@ def test_missing_movielens_folder_is_reported_as_skipped(tmp_path):
     from rcllm_sdk.evaluation.bench_storage import movielens_1m_dataset, write_report
 
     assert movielens_1m_dataset(tmp_path / "no-such-folder") is None
-    row = {"dataset": "synthetic", "shards": 4, "placement": "hash", "nodes_per_request": 3.9,
-           "remote_bytes_per_request": 2**20, "max_over_mean_shard_size": 1.05, "min_over_mean_shard_size": 0.95,
-           "requests": 10}
+    row = {
+        "dataset": "synthetic",
+        "shards": 4,
+        "placement": "hash",
+        "nodes_per_request": 3.9,
+        "remote_bytes_per_request": 2**20,
+        "max_over_mean_shard_size": 1.05,
+        "min_over_mean_shard_size": 0.95,
+        "requests": 10,
+    }
     write_report({"results": [row], "skipped": ["ml-1m"]}, tmp_path / "out" / "storage.json")
     table = (tmp_path / "out" / "storage.md").read_text()
     assert "| synthetic | 4 | hash | 3.90 | 1.00x | 1.00 | 1.050 | 0.950 | 10 |" in table
@@ -337,10 +368,30 @@ def test_bench_storage_report_follows_its_schema(tmp_path):
     from rcllm_sdk.cli import main
 
     out = tmp_path / "storage.json"
-    assert main(["bench-storage", "--skip-node-down", "--shards", "4", "--max-users", "60",
-                 "--ml1m-path", str(tmp_path / "absent"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench-storage",
+                "--skip-node-down",
+                "--shards",
+                "4",
+                "--max-users",
+                "60",
+                "--ml1m-path",
+                str(tmp_path / "absent"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    schema = json.loads((Path(__file__).parents[1] / "evaluation/schemas/bench_storage.schema.json").read_text())
+    schema = json.loads(
+        (Path(__file__).parents[1] / "evaluation/schemas/bench_storage.schema.json").read_text()
+    )
     jsonschema.validate(report, schema)
-    assert report["skipped"] == ["ml-1m"] and {r["placement"] for r in report["results"]} == {"similarity", "hash"}
+    assert report["skipped"] == ["ml-1m"] and {r["placement"] for r in report["results"]} == {
+        "similarity",
+        "hash",
+    }
     assert "| synthetic | 4 | similarity |" in out.with_suffix(".md").read_text()

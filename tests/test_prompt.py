@@ -1,12 +1,15 @@
 """Renderer: exact spans and hashes on a hand-made prompt; blocks concatenate to the full tokenisation."""
+
 import pytest
 
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, block_hash, full_text, render
 
 HISTORY = [ItemInfo(1, "Solar Saga Part 1", "Space"), ItemInfo(2, "Solar Saga Part 2", "Space")]
-CANDIDATES = [ItemInfo(3, "Solar Saga Part 3", "Space", "a long voyage home"),
-              ItemInfo(7, "(500) Days: Redux", "Romance|Comedy", "  leading spaces and 'quotes'")]
+CANDIDATES = [
+    ItemInfo(3, "Solar Saga Part 3", "Space", "a long voyage home"),
+    ItemInfo(7, "(500) Days: Redux", "Romance|Comedy", "  leading spaces and 'quotes'"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,14 @@ def test_block_layout_and_spans(tokenizer):
     assert tokenizer.decode(prompt.blocks[2].token_ids) == "A\n"
 
 
-@pytest.mark.parametrize("template", [PromptTemplate(), PromptTemplate(item_tokens=False, item_text_words=4),
-                                      PromptTemplate(titles=False, max_history=1)])
+@pytest.mark.parametrize(
+    "template",
+    [
+        PromptTemplate(),
+        PromptTemplate(item_tokens=False, item_text_words=4),
+        PromptTemplate(titles=False, max_history=1),
+    ],
+)
 def test_blocks_concatenate_to_full_prompt_tokenisation(tokenizer, template):
     prompt = render(HISTORY, CANDIDATES, template, tokenizer, "fp")
     whole = tokenizer(full_text(HISTORY, CANDIDATES, template), add_special_tokens=False)["input_ids"]
@@ -36,15 +45,26 @@ def test_blocks_concatenate_to_full_prompt_tokenisation(tokenizer, template):
 
 
 def test_item_text_words_limits_the_description():
-    line = PromptTemplate(item_text_words=2, item_tokens=False).item_line(3, "T", "A|B", "one two three", with_text=True)
+    line = PromptTemplate(item_text_words=2, item_tokens=False).item_line(
+        3, "T", "A|B", "one two three", with_text=True
+    )
     assert line == "T (A, B): one two\n"
 
 
 def test_hash_depends_on_fingerprint_kind_and_tokens():
     base = block_hash("m1", "item", [1, 2, 3])
     assert base == block_hash("m1", "item", [1, 2, 3])
-    assert len({base, block_hash("m2", "item", [1, 2, 3]), block_hash("m1", "user", [1, 2, 3]),
-                block_hash("m1", "item", [1, 2, 4])}) == 4
+    assert (
+        len(
+            {
+                base,
+                block_hash("m2", "item", [1, 2, 3]),
+                block_hash("m1", "user", [1, 2, 3]),
+                block_hash("m1", "item", [1, 2, 4]),
+            }
+        )
+        == 4
+    )
     assert 0 <= base < 2**64
 
 

@@ -73,7 +73,12 @@ def test_ingest_records_the_retriever_settings_it_was_given(tmp_path):
     from rcllm_sdk.ingest import ingest, read_manifest
 
     config = RetrieverConfig(decay=0.45, w_similarity=0.1)
-    ingest("synthetic", None, tmp_path, synthetic=SyntheticConfig(n_users=30, n_items=60, n_categories=3, seed=1),
-           retriever_config=config)
+    ingest(
+        "synthetic",
+        None,
+        tmp_path,
+        synthetic=SyntheticConfig(n_users=30, n_items=60, n_categories=3, seed=1),
+        retriever_config=config,
+    )
     assert RetrieverConfig(**read_manifest(tmp_path)["retriever"]) == config
     assert Retriever.load(tmp_path / "data" / "retriever.npz").config == config

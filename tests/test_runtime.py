@@ -1,14 +1,24 @@
 """The block runner against the plain HF forward: full recompute, prefix reuse, true-context
 assembly, the RoPE shift, policies and faulty cache values."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from rcllm_sdk.cache.base import LOCAL, MISS, Read
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
@@ -17,7 +27,6 @@ from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.model_view import ModelView, apply_rope, shift_keys
 from rcllm_sdk.runtime.policies import fresh_ranges, parse_policy
 from rcllm_sdk.runtime.runner import _most_deviating
-from rcllm_sdk.errors import ConfigError
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -51,8 +60,15 @@ class DictStore:
 def tiny_model(family: str, seed: int = 0):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, **extra)
+    config = config_cls(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **extra,
+    )
     return model_cls(config).eval()
 
 
@@ -74,7 +90,7 @@ def engine_for(model, policy="full", store=None) -> BlockEngine:
 
 
 def max_diff(scored, reference) -> float:
-    return max(float((s.logits - r).abs().max()) for s, r in zip(scored, reference))
+    return max(float((s.logits - r).abs().max()) for s, r in zip(scored, reference, strict=False))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -106,7 +122,9 @@ def test_blocks_from_their_true_context_assemble_to_the_hf_cache(family):
         if block.kind in ("label", "query"):
             continue
         kv = hf[:, :, block.start : block.end].clone()
-        back = torch.full((len(block.token_ids),), float(system_len - block.start if block.kind != "system" else 0))
+        back = torch.full(
+            (len(block.token_ids),), float(system_len - block.start if block.kind != "system" else 0)
+        )
         kv[0] = shift_keys(kv[0], back, engine.inv_freq)
         found[block.content_hash] = kv
     assembled, _ = engine.assemble([prompt], found)
@@ -140,8 +158,11 @@ def test_rope_shift_is_exact():
 
 def test_policies_select_what_they_claim():
     kinds, lengths = ["system", "user", "label", "item", "label", "item", "query"], [3, 6, 1, 5, 1, 2, 2]
+
     def as_list(spec):
-        return [t for start, end in parse_policy(spec).selected_ranges(kinds, lengths) for t in range(start, end)]
+        return [
+            t for start, end in parse_policy(spec).selected_ranges(kinds, lengths) for t in range(start, end)
+        ]
 
     fresh = [9, 15, 18, 19]
     assert [t for start, end in fresh_ranges(kinds, lengths) for t in range(start, end)] == fresh
@@ -149,7 +170,10 @@ def test_policies_select_what_they_claim():
     assert as_list("block_head:2") == sorted(fresh + [3, 4, 10, 11, 16, 17])
     assert as_list("block_head:0") == fresh
     assert as_list("full") == list(range(20)) and as_list("deviation:0.2:1") == list(range(20))
-    assert parse_policy("deviation:0.15").check_layer == 1 and parse_policy("block_head:8").spec == "block_head:8"
+    assert (
+        parse_policy("deviation:0.15").check_layer == 1
+        and parse_policy("block_head:8").spec == "block_head:8"
+    )
     for bad in ("blockhead:3", "block_head", "deviation:2", "none:1", "block_head:-1"):
         with pytest.raises(ConfigError):
             parse_policy(bad)
@@ -175,9 +199,15 @@ def test_deviation_policy_recomputes_the_stated_fraction():
 def _corruptions(stored: torch.Tensor, other_hash: int) -> dict[str, torch.Tensor]:
     """Bad versions of one stored block value (``[2, L, T+1, W]``)."""
     two, layers, rows, width = stored.shape
-    same_shape_other_block = blockkv.pack(stored[:, :, :-1].reshape(two, layers, rows - 1, 2, width // 2), other_hash)
-    return {"truncated": stored[:, :, :-2].clone(), "wrong shape": stored[:, :1].clone(),
-            "wrong dtype": stored.to(torch.float16), "another block": same_shape_other_block}
+    same_shape_other_block = blockkv.pack(
+        stored[:, :, :-1].reshape(two, layers, rows - 1, 2, width // 2), other_hash
+    )
+    return {
+        "truncated": stored[:, :, :-2].clone(),
+        "wrong shape": stored[:, :1].clone(),
+        "wrong dtype": stored.to(torch.float16),
+        "another block": same_shape_other_block,
+    }
 
 
 @pytest.mark.parametrize("case", ["truncated", "wrong shape", "wrong dtype", "another block"])
@@ -195,8 +225,12 @@ def test_a_bad_stored_block_is_recomputed_and_counted(case, caplog):
     assert again.cache.misses == 1 and again.cache.hits == clean.cache.misses - 1
     assert torch.allclose(again.logits, clean.logits, atol=1e-6)
     assert "does not match" in caplog.text
-    assert blockkv.unpack(store.values[item.content_hash], item.content_hash, len(item.token_ids), 3, 2, 16,
-                          torch.float32) is not None  # rewritten correctly
+    assert (
+        blockkv.unpack(
+            store.values[item.content_hash], item.content_hash, len(item.token_ids), 3, 2, 16, torch.float32
+        )
+        is not None
+    )  # rewritten correctly
 
 
 @pytest.mark.parametrize("start", [0, 7, 40])

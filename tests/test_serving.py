@@ -1,5 +1,6 @@
 """Serving with cached KV through the facade: modes against ``full``, cache figures, threads,
 a store that is down, ``rcllm refresh`` and the benchmark's report shape."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def test_prefix_and_rcllm_with_full_policy_rank_exactly_as_full(trained_repo):
         with RcRecommender.from_feature_store(repo, mode=mode, policy=policy, store="memory://") as rec:
             cold = rec.recommend_batch(users, k=10)
             warm = rec.recommend_batch(users, k=10)
-        for f, c, w in zip(full, cold, warm):
+        for f, c, w in zip(full, cold, warm, strict=False):
             _same_ranking(c, f)
             _same_ranking(w, f)
             assert c.mode == mode and c.cache.hits + c.cache.misses > 0
@@ -87,7 +88,7 @@ def test_a_store_that_is_down_degrades_to_computing(trained_repo):
     with RcRecommender.from_feature_store(repo, policy="full", store=f"lm://127.0.0.1:{_free_port()}") as rec:
         got = rec.recommend_batch(users)
         assert rec.engine.store.stats.errors > 0
-    for f, g in zip(full, got):
+    for f, g in zip(full, got, strict=False):
         _same_ranking(g, f)
         assert g.cache.hits == 0
 
@@ -107,13 +108,21 @@ def test_bench_report_follows_its_schema(tmp_path):
     import jsonschema
 
     from rcllm_sdk.evaluation.bench import run_bench
-    from rcllm_sdk.evaluation.bench_config import BenchConfig, StreamConfig, Workload
+    from rcllm_sdk.evaluation.bench_config import BenchConfig, StreamConfig
 
-    config = BenchConfig(model="tiny", warm_samples={"reference": 2, "long_item": 1},
-                         cold_samples={"reference": 1, "long_item": 1}, store="memory://",
-                         other_policies=["none"], ab_attention="torch", stream=StreamConfig(items=300))
+    config = BenchConfig(
+        model="tiny",
+        warm_samples={"reference": 2, "long_item": 1},
+        cold_samples={"reference": 1, "long_item": 1},
+        store="memory://",
+        other_policies=["none"],
+        ab_attention="torch",
+        stream=StreamConfig(items=300),
+    )
     report = run_bench(config, tmp_path / "bench.json", progress=False)
-    schema = json.loads((Path(__file__).parents[1] / "evaluation" / "schemas" / "bench.schema.json").read_text())
+    schema = json.loads(
+        (Path(__file__).parents[1] / "evaluation" / "schemas" / "bench.schema.json").read_text()
+    )
     jsonschema.validate(json.loads((tmp_path / "bench.json").read_text()), schema)
     assert (tmp_path / "bench.md").read_text().startswith("| workload | mode |")
     ref = report["workloads"]["reference"]
@@ -159,8 +168,9 @@ def test_place_then_refresh_into_a_cluster_then_serve_from_it(trained_repo, tmp_
     assert main(["place", "--repo", str(repo), "--out", str(tmp_path / "map.json")]) == 0  # nothing new
     assert ShardMap.load(tmp_path / "map.json") == shard_map
     nodes = [f"memory://{uuid.uuid4().hex}" for _ in range(3)]
-    (tmp_path / "cluster.json").write_text(json.dumps({"nodes": nodes, "shard_map": "map.json", "replicas": 1,
-                                                       "local": "memory://"}))
+    (tmp_path / "cluster.json").write_text(
+        json.dumps({"nodes": nodes, "shard_map": "map.json", "replicas": 1, "local": "memory://"})
+    )
     url = f"cluster://{tmp_path / 'cluster.json'}"
     assert main(["refresh", "--repo", str(repo), "--store", url]) == 0
     user = _users(repo, 1)[0]

@@ -1,4 +1,5 @@
 """Ingestion sources: identical splits from movielens and csv forms, and clear errors for bad rows."""
+
 from pathlib import Path
 
 import polars as pl
@@ -10,28 +11,44 @@ from rcllm_sdk.errors import DataFormatError
 
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
-RATINGS = [(1, 10, 5, 300), (1, 11, 3, 100), (1, 12, 4, 200), (1, 13, 4, 400), (2, 10, 2, 50), (2, 12, 1, 60),
-           (2, 13, 2, 70), (3, 11, 5, 10), (3, 10, 5, 10)]
-MOVIES = [(10, "Alpha (1995)", "0|1|0"), (11, "Beta (1996)", "1|0|0"), (12, "Gamma (1997)", "0|1|1"),
-          (13, "Delta (1998)", "0|0|1")]
+RATINGS = [
+    (1, 10, 5, 300),
+    (1, 11, 3, 100),
+    (1, 12, 4, 200),
+    (1, 13, 4, 400),
+    (2, 10, 2, 50),
+    (2, 12, 1, 60),
+    (2, 13, 2, 70),
+    (3, 11, 5, 10),
+    (3, 10, 5, 10),
+]
+MOVIES = [
+    (10, "Alpha (1995)", "0|1|0"),
+    (11, "Beta (1996)", "1|0|0"),
+    (12, "Gamma (1997)", "0|1|1"),
+    (13, "Delta (1998)", "0|0|1"),
+]
 GENRES = ["Action", "Comedy", "Drama"]
 
 
 def write_movielens(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in RATINGS))
-    (folder / "u.item").write_text("".join(f"{i}|{title}|01-Jan-1995||http://x|{flags}\n" for i, title, flags in MOVIES),
-                                   encoding="latin-1")
+    (folder / "u.item").write_text(
+        "".join(f"{i}|{title}|01-Jan-1995||http://x|{flags}\n" for i, title, flags in MOVIES),
+        encoding="latin-1",
+    )
     (folder / "u.genre").write_text("".join(f"{g}|{n}\n" for n, g in enumerate(GENRES)))
 
 
 def write_csv(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "interactions.csv").write_text("user_id,item_id,timestamp\n" +
-                                             "".join(f"{u},{i},{t}\n" for u, i, _, t in RATINGS))
+    (folder / "interactions.csv").write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, _, t in RATINGS)
+    )
     rows = []
     for i, title, flags in MOVIES:
-        cats = "|".join(g for g, f in zip(GENRES, flags.split("|")) if f == "1")
+        cats = "|".join(g for g, f in zip(GENRES, flags.split("|"), strict=False) if f == "1")
         rows.append(f'{i},"{title}",{cats}\n')
     (folder / "items.csv").write_text("item_id,title,category\n" + "".join(rows))
 
@@ -62,7 +79,9 @@ def test_malformed_row_names_file_line_and_column(tmp_path):
     write_csv(tmp_path)
     text = (tmp_path / "interactions.csv").read_text().replace("2,12,60", "2,twelve,60")
     (tmp_path / "interactions.csv").write_text(text)
-    with pytest.raises(DataFormatError, match=r"interactions.csv:7: column 'item_id' has invalid value 'twelve'"):
+    with pytest.raises(
+        DataFormatError, match=r"interactions.csv:7: column 'item_id' has invalid value 'twelve'"
+    ):
         load("csv", tmp_path)
     ds = load("csv", tmp_path, skip_bad_rows=True)
     assert ds.interactions.height == len(RATINGS) - 1
@@ -82,8 +101,8 @@ def test_unknown_item_and_missing_files_are_errors(tmp_path):
 
 
 def test_synthetic_is_deterministic_and_has_descriptions(tiny_world):
-    from rcllm_sdk.data.synthetic import generate
     from conftest import TINY
+    from rcllm_sdk.data.synthetic import generate
 
     again = generate(TINY)
     assert again[0].equals(tiny_world[0]) and again[1].equals(tiny_world[1])
@@ -97,13 +116,19 @@ def test_synthetic_habits_set_how_often_users_continue_a_series():
     from rcllm_sdk.data.synthetic import SyntheticConfig, generate
 
     def sequel_rate(habits):
-        interactions, items = generate(SyntheticConfig(n_users=60, n_items=200, n_categories=4, seed=3,
-                                                       sequel_habits=habits))
-        title = dict(zip(items["item_id"], items["title"]))
+        interactions, items = generate(
+            SyntheticConfig(n_users=60, n_items=200, n_categories=4, seed=3, sequel_habits=habits)
+        )
+        title = dict(zip(items["item_id"], items["title"], strict=False))
         series = lambda i: title[i].rpartition(" Part ")  # noqa: E731
-        steps = [(a, b) for seq in interactions.group_by("user_id", maintain_order=True).agg("item_id")["item_id"]
-                 for a, b in zip(seq[:-1], seq[1:])]
-        nexts = [series(b)[0] == series(a)[0] and int(series(b)[2]) == int(series(a)[2]) + 1 for a, b in steps]
+        steps = [
+            (a, b)
+            for seq in interactions.group_by("user_id", maintain_order=True).agg("item_id")["item_id"]
+            for a, b in zip(seq[:-1], seq[1:], strict=False)
+        ]
+        nexts = [
+            series(b)[0] == series(a)[0] and int(series(b)[2]) == int(series(a)[2]) + 1 for a, b in steps
+        ]
         return sum(nexts) / len(nexts)
 
     assert sequel_rate((1.0,)) > 0.4 > 0.05 > sequel_rate((0.0,))

@@ -1,5 +1,6 @@
 """The KV block store: one contract suite over every backend, then persistence, garbled values
 and faults (servers started here on free ports; see tests/servers.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -15,9 +16,8 @@ import torch
 
 from rcllm_sdk.cache import codec, open_store
 from rcllm_sdk.cache.cluster import ClusterConfig, NodeSpec
-from rcllm_sdk.errors import ConfigError
-
 from rcllm_sdk.cache.local_servers import free_port, start_lmcache, start_redis
+from rcllm_sdk.errors import ConfigError
 
 BACKENDS = ["memory", "local", "fs", "lm", "redis", "cluster"]
 SHARED = {"memory", "fs", "lm", "redis", "cluster"}  # a second store on the same location sees the values
@@ -35,8 +35,12 @@ def kv(T: int, dtype=torch.float32, L: int = 2, W: int = 16, seed: int = 0) -> t
 
 
 def same(got, want: torch.Tensor) -> bool:
-    return (got is not None and got.shape == want.shape and got.dtype == want.dtype
-            and torch.equal(got.view(_BITS[want.dtype]), want.view(_BITS[want.dtype])))
+    return (
+        got is not None
+        and got.shape == want.shape
+        and got.dtype == want.dtype
+        and torch.equal(got.view(_BITS[want.dtype]), want.view(_BITS[want.dtype]))
+    )
 
 
 def ns() -> str:
@@ -61,9 +65,14 @@ def redis_server():
 def backend(request, tmp_path):
     """(name, opener): opener(namespace, **options) opens a store on this test's location of the backend."""
     name = request.param
-    location = {"memory": lambda: f"memory://{uuid.uuid4().hex}", "local": lambda: "local://",
-                "fs": lambda: f"fs://{tmp_path}/kv", "lm": lambda: request.getfixturevalue("lm_server").url,
-                "redis": lambda: request.getfixturevalue("redis_server").url, "cluster": lambda: "cluster://"}[name]()
+    location = {
+        "memory": lambda: f"memory://{uuid.uuid4().hex}",
+        "local": lambda: "local://",
+        "fs": lambda: f"fs://{tmp_path}/kv",
+        "lm": lambda: request.getfixturevalue("lm_server").url,
+        "redis": lambda: request.getfixturevalue("redis_server").url,
+        "cluster": lambda: "cluster://",
+    }[name]()
     spaces = [uuid.uuid4().hex for _ in range(3)]  # the cluster's nodes (replicated keys go to all three)
     opened = []
 
@@ -83,12 +92,18 @@ def backend(request, tmp_path):
 
 # -- the contract every backend keeps -----------------------------------------------------------
 
+
 def test_round_trip_is_bit_exact(backend):
     _, opener = backend
     store = opener(ns())
-    blocks = {(i * 7919) % 2**64: kv(T, dtype, seed=i) for i, (dtype, T) in
-              enumerate((d, t) for d in DTYPES for t in (1, 7, 300))}
-    blocks[0], blocks[2**64 - 1] = kv(3, L=3, W=24), kv(2, torch.bfloat16, L=1, W=8)  # other shapes, edge keys
+    blocks = {
+        (i * 7919) % 2**64: kv(T, dtype, seed=i)
+        for i, (dtype, T) in enumerate((d, t) for d in DTYPES for t in (1, 7, 300))
+    }
+    blocks[0], blocks[2**64 - 1] = (
+        kv(3, L=3, W=24),
+        kv(2, torch.bfloat16, L=1, W=8),
+    )  # other shapes, edge keys
     for key, value in blocks.items():
         store.put(key, value)
     for key, value in blocks.items():
@@ -102,7 +117,12 @@ def test_batched_forms(backend):
     items = [(10 + i, kv(T, DTYPES[i % 3], seed=i)) for i, T in enumerate((1, 5, 64, 200))]
     store.batched_put(items)
     got = store.batched_get([10, 99, 12, 13])
-    assert same(got[0], items[0][1]) and got[1] is None and same(got[2], items[2][1]) and same(got[3], items[3][1])
+    assert (
+        same(got[0], items[0][1])
+        and got[1] is None
+        and same(got[2], items[2][1])
+        and same(got[3], items[3][1])
+    )
     assert store.batched_contains([10, 99, 13]) == [True, False, True]
     assert store.batched_get([]) == [] and store.batched_contains([]) == []
 
@@ -220,6 +240,7 @@ def test_fs_store_survives_the_process(tmp_path):
 
 # -- garbled values ------------------------------------------------------------------------------
 
+
 def test_codec_rejects_garbled_blobs():
     value, tag = kv(5, torch.bfloat16), codec.namespace_tag("m")
     blob = codec.encode(9, tag, value)
@@ -265,6 +286,7 @@ def test_garbled_redis_value_reads_as_none(redis_server):
 
 # -- faults --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(params=["lm", "redis"])
 def own_server(request):
     server = start_lmcache() if request.param == "lm" else start_redis()
@@ -308,7 +330,9 @@ def test_paused_then_killed_server(own_server, caplog):
 @pytest.mark.parametrize("scheme", ["lm", "redis"])
 def test_server_that_is_not_there(scheme, caplog):
     caplog.set_level(logging.WARNING, logger="rcllm_sdk.cache")
-    with open_store(f"{scheme}://127.0.0.1:{free_port()}", "m", max_local_cpu_gb=0.03, timeout_s=0.5) as store:
+    with open_store(
+        f"{scheme}://127.0.0.1:{free_port()}", "m", max_local_cpu_gb=0.03, timeout_s=0.5
+    ) as store:
         store.put(1, kv(2))
         assert store.get(1) is None and not store.contains(1) and store.batched_get([1, 2]) == [None, None]
         assert store.delete(1) is False
@@ -335,11 +359,23 @@ def test_remote_value_larger_than_the_readers_tier(server, request):
 
 # -- opening -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url, namespace, options", [
-    ("s3://bucket", "m", {}), ("fs://relative/dir", "m", {}), ("fs:///", "m", {}), ("lm://host", "m", {}),
-    ("redis://:6379", "m", {}), ("local://x", "m", {}), ("memory://", "a@b", {}), ("memory://", "", {}),
-    ("memory://", "m", {"timeout_s": 1}), ("local://", "m", {"bogus": 1}), ("local://", "m", {"timeout_s": 0}),
-])
+
+@pytest.mark.parametrize(
+    "url, namespace, options",
+    [
+        ("s3://bucket", "m", {}),
+        ("fs://relative/dir", "m", {}),
+        ("fs:///", "m", {}),
+        ("lm://host", "m", {}),
+        ("redis://:6379", "m", {}),
+        ("local://x", "m", {}),
+        ("memory://", "a@b", {}),
+        ("memory://", "", {}),
+        ("memory://", "m", {"timeout_s": 1}),
+        ("local://", "m", {"bogus": 1}),
+        ("local://", "m", {"timeout_s": 0}),
+    ],
+)
 def test_bad_urls_and_options(url, namespace, options):
     with pytest.raises(ConfigError):
         open_store(url, namespace, **options)

@@ -17,6 +17,7 @@ URLs:
 
 Importing this package does not import lmcache; opening an LMCache store does.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,10 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
     if parts.scheme == "cluster":
         return _open_cluster(url, parts, namespace, options)
     if parts.scheme not in ("local", "fs", "lm", "redis", "rediss"):
-        raise ConfigError(f"unknown KV store URL {redact_url(url)!r}; use memory://, local://, fs:///abs/dir, "
-                          "lm://host:port, redis://host:port or cluster:///abs/cluster.json")
+        raise ConfigError(
+            f"unknown KV store URL {redact_url(url)!r}; use memory://, local://, fs:///abs/dir, "
+            "lm://host:port, redis://host:port or cluster:///abs/cluster.json"
+        )
     return _open_lmcache(url, parts, namespace, options)
 
 
@@ -82,8 +85,10 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
     try:
         import lmcache  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"{redact_url(url)!r} is an LMCache store and lmcache is not importable ({e}); "
-                          "install the package's dependencies (make install) or use memory://") from e
+        raise ConfigError(
+            f"{redact_url(url)!r} is an LMCache store and lmcache is not importable ({e}); "
+            "install the package's dependencies (make install) or use memory://"
+        ) from e
     _reject(options, {f.name for f in fields(LMCacheOptions)}, url)
     opts = LMCacheOptions(**options)
     remote = None
@@ -95,7 +100,9 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
         remote = _compat().lmcache_url(url, opts.timeout_s)
     elif parts.scheme in ("lm", "redis", "rediss"):
         if not parts.hostname or _port(parts) is None:
-            raise ConfigError(f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {redact_url(url)!r}")
+            raise ConfigError(
+                f"{parts.scheme} store URL must be {parts.scheme}://host:port, got {redact_url(url)!r}"
+            )
         remote = _compat().lmcache_url(url, opts.timeout_s)
     return LMCacheStore(url, namespace, remote, opts)
 
@@ -116,7 +123,9 @@ def _compat():
 def _reject(options: dict, known: set[str], url: str) -> None:
     unknown = set(options) - known
     if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)} for {redact_url(url)!r}; known: {sorted(known)}")
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)} for {redact_url(url)!r}; known: {sorted(known)}"
+        )
 
 
 __all__ = ["BlockStore", "StoreStats", "open_store"]

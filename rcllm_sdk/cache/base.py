@@ -15,14 +15,16 @@ Semantics every backend keeps (the contract suite in tests/test_store.py checks 
   Single-location stores ignore it; a cluster stores item blocks on their shard's node(s)
   and everything else on every node.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +43,7 @@ class Read:
     process's memory; ``REMOTE``: a server, ``node`` names it; ``MISS``; ``FAULT``: the backend
     failed or the value was garbled) and its tensor bytes."""
 
-    value: "torch.Tensor | None"
+    value: torch.Tensor | None
     source: str
     node: str = ""
 
@@ -106,8 +108,9 @@ class BlockStore(ABC):
     def delete(self, key: int) -> bool:
         """Remove ``key``; True if it was stored and is now gone."""
 
-    def batched_put(self, items: Sequence[tuple[int, torch.Tensor]],
-                    placement: Sequence[int | None] | None = None) -> list[int]:
+    def batched_put(
+        self, items: Sequence[tuple[int, torch.Tensor]], placement: Sequence[int | None] | None = None
+    ) -> list[int]:
         """Store every ``(key, kv)``; returns the keys that could not be stored (faults)."""
         failed = []
         for key, kv in items:
@@ -117,8 +120,9 @@ class BlockStore(ABC):
                 failed.append(key)
         return failed
 
-    def batched_get(self, keys: Sequence[int], placement: Sequence[int | None] | None = None
-                    ) -> list[torch.Tensor | None]:
+    def batched_get(
+        self, keys: Sequence[int], placement: Sequence[int | None] | None = None
+    ) -> list[torch.Tensor | None]:
         return [self.get(key) for key in keys]
 
     def batched_read(self, keys: Sequence[int], placement: Sequence[int | None] | None = None) -> list[Read]:
@@ -128,7 +132,9 @@ class BlockStore(ABC):
     def batched_contains(self, keys: Sequence[int]) -> list[bool]:
         return [self.contains(key) for key in keys]
 
-    def batched_stored(self, keys: Sequence[int], placement: Sequence[int | None] | None = None) -> list[bool]:
+    def batched_stored(
+        self, keys: Sequence[int], placement: Sequence[int | None] | None = None
+    ) -> list[bool]:
         """Whether every copy the store keeps of each key is in place (a cluster: on all the
         key's nodes). What a refresh checks before skipping a block."""
         return self.batched_contains(keys)
@@ -141,7 +147,7 @@ class BlockStore(ABC):
         with self._stats_lock:
             return replace(self._stats)
 
-    def __enter__(self) -> "BlockStore":
+    def __enter__(self) -> BlockStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -164,8 +170,14 @@ class BlockStore(ABC):
             first = kind not in self._logged
             self._logged.add(kind)
         if first:
-            logger.warning("KV store %s (namespace %s): %s: %s; further %s failures are only counted "
-                           "in stats.errors", self.url, self.namespace, kind, detail, kind)
+            logger.warning(
+                "KV store %s (namespace %s): %s: %s; further %s failures are only counted in stats.errors",
+                self.url,
+                self.namespace,
+                kind,
+                detail,
+                kind,
+            )
 
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@")

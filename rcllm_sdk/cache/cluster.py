@@ -28,15 +28,16 @@ Each node writes a manifest (the shard map id it was filled under) at the end of
 ``rcllm refresh``; a node whose manifest names another map is reported in ``stale_nodes`` and
 logged, until a refresh re-places its blocks.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import torch
@@ -88,8 +89,10 @@ class NodeSpec:
         if self.password_env:
             password = os.environ.get(self.password_env)
             if password is None:
-                raise ConfigError(f"node {self.display_url}: environment variable {self.password_env} "
-                                  "(its password_env) is not set")
+                raise ConfigError(
+                    f"node {self.display_url}: environment variable {self.password_env} "
+                    "(its password_env) is not set"
+                )
             user = quote(self.username, safe="")
             netloc = f"{user}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
         query = {"ssl_ca_certs": self.ca_certs, "ssl_cert_reqs": "required"} if self.ca_certs else {}
@@ -116,7 +119,9 @@ class ClusterConfig:
             raise ConfigError("a cluster needs at least one node")
         bad = [s.url for s in self.nodes if s.scheme not in NODE_SCHEMES]
         if bad:
-            raise ConfigError(f"cluster node URLs must be one of {[s + '://' for s in NODE_SCHEMES]}, got {bad}")
+            raise ConfigError(
+                f"cluster node URLs must be one of {[s + '://' for s in NODE_SCHEMES]}, got {bad}"
+            )
         if len({s.display_url for s in self.nodes}) != n:
             raise ConfigError("cluster nodes must be distinct")
         if not 0 <= self.replicas < n:
@@ -124,11 +129,13 @@ class ClusterConfig:
         if not 0 <= self.home_node < n:
             raise ConfigError(f"home_node must be a node index in [0, {n - 1}], got {self.home_node}")
         if self.shard_map is not None and self.shard_map.n_shards < n:
-            raise ConfigError(f"the shard map has {self.shard_map.n_shards} shards for {n} nodes: "
-                              "some nodes would hold no items; build a map with at least one shard per node")
+            raise ConfigError(
+                f"the shard map has {self.shard_map.n_shards} shards for {n} nodes: "
+                "some nodes would hold no items; build a map with at least one shard per node"
+            )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ClusterConfig":
+    def from_file(cls, path: str | Path) -> ClusterConfig:
         path = Path(path)
         try:
             doc = json.loads(path.read_text())
@@ -137,13 +144,15 @@ class ClusterConfig:
         return cls.from_dict(doc, path.parent)
 
     @classmethod
-    def from_dict(cls, doc: dict, base_dir: str | Path = ".") -> "ClusterConfig":
+    def from_dict(cls, doc: dict, base_dir: str | Path = ".") -> ClusterConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(doc) - known
         if unknown:
             raise ConfigError(f"unknown cluster option(s) {sorted(unknown)}; known: {sorted(known)}")
         doc = dict(doc)
-        doc["nodes"] = [NodeSpec(n) if isinstance(n, str) else _node(n, Path(base_dir)) for n in doc.get("nodes", [])]
+        doc["nodes"] = [
+            NodeSpec(n) if isinstance(n, str) else _node(n, Path(base_dir)) for n in doc.get("nodes", [])
+        ]
         if isinstance(doc.get("shard_map"), str):
             doc["shard_map"] = ShardMap.load(Path(base_dir) / doc["shard_map"])
         return cls(**doc)
@@ -179,8 +188,14 @@ class ClusterStore(BlockStore):
         if spec.scheme == "memory":
             return open_store(spec.url, self.namespace)
         c = self.config
-        return open_store(spec.store_url(), self.namespace, max_local_cpu_gb=c.node_buffer_gb,
-                          timeout_s=c.timeout_s, retry_s=c.retry_s, tier_cache=False)
+        return open_store(
+            spec.store_url(),
+            self.namespace,
+            max_local_cpu_gb=c.node_buffer_gb,
+            timeout_s=c.timeout_s,
+            retry_s=c.retry_s,
+            tier_cache=False,
+        )
 
     # ---- placement ------------------------------------------------------------------------
     def nodes_for(self, item_id: int | None) -> list[int]:
@@ -223,8 +238,11 @@ class ClusterStore(BlockStore):
         per_node = self._per_target_node(placement)
         failed_on = self._each_node(per_node, lambda node, idx: node.batched_put([items[i] for i in idx]))
         failed = {key for keys in failed_on.values() for key in keys}
-        taken = [(key, kv) for (key, kv), item in zip(items, placement)
-                 if not all(key in failed_on.get(n, ()) for n in self._write_targets(item))]
+        taken = [
+            (key, kv)
+            for (key, kv), item in zip(items, placement, strict=False)
+            if not all(key in failed_on.get(n, ()) for n in self._write_targets(item))
+        ]
         self.local.batched_put(taken)
         self._count(puts=len(taken), bytes_written=sum(kv.numel() * kv.element_size() for _, kv in taken))
         return [key for key, _ in items if key in failed]
@@ -245,11 +263,18 @@ class ClusterStore(BlockStore):
             return True
 
         self._in_rounds(todo, lambda node, idx: node.batched_read([keys[i] for i in idx]), settle)
-        fetched = [(k, r.value) for k, r in zip(keys, reads) if r.value is not None and r.source != LOCAL]
+        fetched = [
+            (k, r.value)
+            for k, r in zip(keys, reads, strict=False)
+            if r.value is not None and r.source != LOCAL
+        ]
         if fetched:
             self.local.batched_put(fetched)
-        self._count(hits=sum(r.value is not None for r in reads), misses=sum(r.source == MISS for r in reads),
-                    bytes_read=sum(r.nbytes for r in reads))
+        self._count(
+            hits=sum(r.value is not None for r in reads),
+            misses=sum(r.source == MISS for r in reads),
+            bytes_read=sum(r.nbytes for r in reads),
+        )
         return reads
 
     def batched_contains(self, keys: Sequence[int], placement=None) -> list[bool]:
@@ -274,7 +299,7 @@ class ClusterStore(BlockStore):
         results = self._each_node(per_node, lambda node, idx: node.batched_contains([keys[i] for i in idx]))
         stored = [True] * len(keys)
         for node, idx in per_node.items():
-            for i, hit in zip(idx, results[node]):
+            for i, hit in zip(idx, results[node], strict=False):
                 stored[i] = stored[i] and hit
         return stored
 
@@ -285,7 +310,7 @@ class ClusterStore(BlockStore):
 
     def node_stats(self) -> dict[str, object]:
         """Each node's own counters (``StoreStats``), by node URL (credentials removed)."""
-        return {url: node.stats for url, node in zip(self.node_urls, self.nodes)}
+        return {url: node.stats for url, node in zip(self.node_urls, self.nodes, strict=False)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -295,21 +320,30 @@ class ClusterStore(BlockStore):
     # ---- manifests ------------------------------------------------------------------------
     def manifest(self) -> dict:
         shard_map = self.config.shard_map
-        return {"map_id": shard_map.map_id if shard_map else "hash", "version": shard_map.version if shard_map else 0,
-                "nodes": self.node_urls, "replicas": self.config.replicas}
+        return {
+            "map_id": shard_map.map_id if shard_map else "hash",
+            "version": shard_map.version if shard_map else 0,
+            "nodes": self.node_urls,
+            "replicas": self.config.replicas,
+        }
 
     def write_manifests(self) -> list[str]:
         """Record on every node that it now holds blocks placed by this map; the nodes that
         could not be written (call it when a refresh has written everything)."""
         blob = torch.frombuffer(bytearray(json.dumps(self.manifest()).encode()), dtype=torch.uint8)
-        failed = [url for url, node in zip(self.node_urls, self.nodes) if node.batched_put([(MANIFEST_KEY, blob)])]
+        failed = [
+            url
+            for url, node in zip(self.node_urls, self.nodes, strict=False)
+            if node.batched_put([(MANIFEST_KEY, blob)])
+        ]
         self.stale_nodes = [url for url in self.stale_nodes if url in failed]
         return failed
 
     def _check_manifests(self) -> list[str]:
         ours, stale = self.manifest()["map_id"], []
-        found = self._each_node({i: [MANIFEST_KEY] for i in range(len(self.nodes))},
-                                lambda node, keys: node.batched_get(keys))
+        found = self._each_node(
+            {i: [MANIFEST_KEY] for i in range(len(self.nodes))}, lambda node, keys: node.batched_get(keys)
+        )
         for i, url in enumerate(self.node_urls):
             value = found[i][0]
             if value is None:
@@ -320,8 +354,13 @@ class ClusterStore(BlockStore):
                 theirs = "unreadable"
             if theirs != ours:
                 stale.append(url)
-                log.warning("KV node %s holds blocks placed by shard map %s; this cluster uses %s: reads "
-                            "there may miss until `rcllm refresh` re-places them", url, theirs, ours)
+                log.warning(
+                    "KV node %s holds blocks placed by shard map %s; this cluster uses %s: reads "
+                    "there may miss until `rcllm refresh` re-places them",
+                    url,
+                    theirs,
+                    ours,
+                )
         return stale
 
     # ---- helpers --------------------------------------------------------------------------
@@ -334,14 +373,14 @@ class ClusterStore(BlockStore):
                 per_node.setdefault(nodes.pop(0), []).append(i)
             results = self._each_node(per_node, ask)
             for node, idx in per_node.items():
-                for i, answer in zip(idx, results[node]):
+                for i, answer in zip(idx, results[node], strict=False):
                     if settle(i, node, answer) or not todo[i]:
                         del todo[i]
 
     def _each_node(self, work: dict[int, list], call) -> dict[int, list]:
         """``call(node_store, batch)`` for every node with work, concurrently; results by node."""
         if len(work) == 1:
-            (node, batch), = work.items()
+            ((node, batch),) = work.items()
             return {node: call(self.nodes[node], batch)}
         futures = {node: self._pool.submit(call, self.nodes[node], batch) for node, batch in work.items()}
         return {node: future.result() for node, future in futures.items()}

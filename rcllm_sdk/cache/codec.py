@@ -8,6 +8,7 @@ back and a garbled, truncated or misfiled value is rejected instead of returned:
 
 Backends only ever move opaque byte blobs (a 1-D uint8 tensor).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,11 +78,16 @@ def decode(blob: torch.Tensor, key: int, ns_tag: int, check_crc: bool = True) ->
     if (magic, version, got_key, got_tag) != (MAGIC, VERSION, key, ns_tag) or code not in _CODE_TO_DTYPE:
         return None
     dtype, shape = _CODE_TO_DTYPE[code], tuple(dims[:ndim]) if 1 <= ndim <= MAX_DIMS else None
-    if shape is None or nbytes > MAX_PAYLOAD_BYTES or blob.numel() != HEADER_BYTES + nbytes or _numel(shape) * dtype.itemsize != nbytes:
+    if (
+        shape is None
+        or nbytes > MAX_PAYLOAD_BYTES
+        or blob.numel() != HEADER_BYTES + nbytes
+        or _numel(shape) * dtype.itemsize != nbytes
+    ):
         return None
     payload = blob[HEADER_BYTES:]
     (crc,) = _CRC.unpack_from(header, _HEAD.size)
-    if check_crc and zlib.crc32(payload.numpy(), zlib.crc32(header[:_HEAD.size])) != crc:
+    if check_crc and zlib.crc32(payload.numpy(), zlib.crc32(header[: _HEAD.size])) != crc:
         return None
     out = torch.empty(shape, dtype=dtype)
     _as_bytes(out).copy_(payload)

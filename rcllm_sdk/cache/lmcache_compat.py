@@ -10,6 +10,7 @@ a timeout in ``contains`` and ``close`` (remote_backend.py:181, 622) and turns e
 
 Nothing from lmcache is imported until a store is opened.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,9 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
@@ -109,10 +111,18 @@ class Manager:
         from lmcache.v1.storage_backend.storage_manager import StorageManager
 
         self.config = LMCacheEngineConfig.from_defaults(
-            local_cpu=True, max_local_cpu_size=max_local_cpu_gb, remote_url=None, remote_serde="naive")
+            local_cpu=True, max_local_cpu_size=max_local_cpu_gb, remote_url=None, remote_serde="naive"
+        )
         # Shape/dtype here only size LMCache's "full chunk"; values carry their own (codec header).
-        self.metadata = LMCacheMetadata(model_name="rcllm_sdk", world_size=1, local_world_size=1, worker_id=0,
-                                        local_worker_id=0, kv_dtype=_BLOB_DTYPE, kv_shape=(1, 2, 256, 1, 1))
+        self.metadata = LMCacheMetadata(
+            model_name="rcllm_sdk",
+            world_size=1,
+            local_world_size=1,
+            worker_id=0,
+            local_worker_id=0,
+            kv_dtype=_BLOB_DTYPE,
+            kv_shape=(1, 2, 256, 1, 1),
+        )
         # DEFECT: the StorageManager's event-loop thread is not a daemon (storage_manager.py:238-243):
         # a process that forgets close(), or fails before it, never exits. Built in a daemon thread,
         # the loop thread inherits daemon=True.
@@ -139,7 +149,7 @@ class Manager:
         # connector uses for its read buffers) sleeps and retries forever, on the event loop,
         # when nothing can be evicted (local_cpu_backend.py:716-732); and a blob larger than
         # the tier evicts every entry before failing. Never wait; refuse what cannot fit.
-        pairs = zip(shapes, dtypes) if isinstance(shapes, list) else [(shapes, dtypes)]
+        pairs = zip(shapes, dtypes, strict=False) if isinstance(shapes, list) else [(shapes, dtypes)]
         if sum(torch.Size(s).numel() * d.itemsize for s, d in pairs) > self.capacity:
             return None
         return self.local.allocate(shapes, dtypes, fmt, eviction=True, busy_loop=False)
@@ -193,10 +203,15 @@ def redact_lmcache_logs() -> None:
     import lmcache.logging as lmcache_logging
 
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if name.startswith("lmcache") and isinstance(logger, logging.Logger) and _REDACT not in logger.filters:
+        if (
+            name.startswith("lmcache")
+            and isinstance(logger, logging.Logger)
+            and _REDACT not in logger.filters
+        ):
             logger.addFilter(_REDACT)
     make = lmcache_logging.init_logger
     if not getattr(make, "redacts", False):
+
         def init_logger(name: str):
             logger = make(name)
             logger.addFilter(_REDACT)
@@ -265,7 +280,8 @@ class Remote:
         m, tier = self.manager, _TierForConnectors(self.manager)
         redact_lmcache_logs()
         conn = call_in_daemon_thread(  # lm:// connects a blocking socket with no timeout
-            lambda: CreateConnector(self.url, m.loop, tier, m.config, m.metadata), self.timeout_s)
+            lambda: CreateConnector(self.url, m.loop, tier, m.config, m.metadata), self.timeout_s
+        )
         if self._serial:
             # DEFECT: LMCServerConnector does blocking sendall/recv on the event loop with no
             # timeout (lm_connector.py:86-99, 145-157): a server that stops answering would
@@ -295,7 +311,7 @@ class Remote:
             await conn.put(*pair)
             return True
 
-        results = self._each(list(zip(keys, objs)), put)
+        results = self._each(list(zip(keys, objs, strict=False)), put)
         if self._serial and keys and results[-1] is True:
             # DEFECT: an lm:// PUT gets no reply (lm_connector.py:110-135): "sent" is not "stored",
             # even with the server stopped. The server serves a connection in order, so an answered

@@ -6,11 +6,12 @@ value enters it only once the remote took it (so a dropped write is dropped ever
 reads look there first. Remote faults trip a short circuit breaker: for ``retry_s`` seconds
 remote calls are skipped (and counted) instead of each paying the timeout again.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -80,7 +81,7 @@ class LMCacheStore(BlockStore):
             stored = [True] * len(keys)
             if self._remote is not None:
                 stored = self._remote_results(self._remote.put_many, keys, objs)
-            for key, obj, ok in zip(keys, objs, stored):
+            for key, obj, ok in zip(keys, objs, stored, strict=False):
                 if ok is True:
                     if self.options.tier_cache or self._remote is None:
                         self._mgr.tier_put(key, obj)
@@ -97,17 +98,19 @@ class LMCacheStore(BlockStore):
         ckeys = [self._key(k) for k in keys]
         if self._closed_fault(len(keys)):
             return [Read(None, FAULT)] * len(keys)
-        out = [self._decode(k, ck, self._mgr.tier_get(ck)) for k, ck in zip(keys, ckeys)]
+        out = [self._decode(k, ck, self._mgr.tier_get(ck)) for k, ck in zip(keys, ckeys, strict=False)]
         reads = [Read(kv, LOCAL) if isinstance(kv, torch.Tensor) else None for kv in out]
         todo = [i for i, kv in enumerate(out) if kv is _MISS]
         if todo and self._remote is not None:
             got = self._remote_results(self._remote.get_many, [ckeys[i] for i in todo])
-            for i, obj in zip(todo, got):
+            for i, obj in zip(todo, got, strict=False):
                 out[i] = obj if obj is _FAILED else self._decode(keys[i], ckeys[i], obj, fetched=True)
                 if isinstance(out[i], torch.Tensor):
                     reads[i] = Read(out[i], REMOTE, self.url)
         self._count(misses=sum(kv is _MISS for kv in out))
-        return [read or Read(None, MISS if kv is _MISS else FAULT) for read, kv in zip(reads, out)]
+        return [
+            read or Read(None, MISS if kv is _MISS else FAULT) for read, kv in zip(reads, out, strict=False)
+        ]
 
     def batched_contains(self, keys: Sequence[int]) -> list[bool]:
         ckeys = [self._key(k) for k in keys]
@@ -116,7 +119,9 @@ class LMCacheStore(BlockStore):
         out = [self._mgr.tier_contains(ck) for ck in ckeys]
         todo = [i for i, hit in enumerate(out) if not hit]
         if todo and self._remote is not None:
-            for i, found in zip(todo, self._remote_results(self._remote.exists_many, [ckeys[i] for i in todo])):
+            for i, found in zip(
+                todo, self._remote_results(self._remote.exists_many, [ckeys[i] for i in todo]), strict=False
+            ):
                 out[i] = found is True
         return out
 
@@ -154,8 +159,11 @@ class LMCacheStore(BlockStore):
         for key, kv in items:
             obj = self._mgr.allocate(codec.blob_size(kv))
             if obj is None:
-                self._fault("local CPU tier full", f"a {codec.blob_size(kv)}-byte block does not fit "
-                            f"max_local_cpu_gb={self.options.max_local_cpu_gb}")
+                self._fault(
+                    "local CPU tier full",
+                    f"a {codec.blob_size(kv)}-byte block does not fit "
+                    f"max_local_cpu_gb={self.options.max_local_cpu_gb}",
+                )
                 continue
             codec.encode_into(compat.blob(obj), key, self._tag, kv)
             keys.append(self._key(key))

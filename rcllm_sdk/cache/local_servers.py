@@ -1,5 +1,6 @@
 """Throwaway storage servers on free 127.0.0.1 ports (tests, `rcllm bench-storage`): redis-server
 and LMCache's server, with the faults a test injects (pause, kill)."""
+
 from __future__ import annotations
 
 import os
@@ -51,11 +52,28 @@ def start_redis(maxmemory: str = "512mb", password: str | None = None) -> Server
     Redis nodes for KV blocks should run with; the lm:// server never evicts)."""
     exe = shutil.which("redis-server")
     if exe is None:
-        raise RuntimeError("redis-server is not installed; the store tests need it: "
-                           "`apt-get install -y redis-server` (or `make install`, which does it)")
+        raise RuntimeError(
+            "redis-server is not installed; the store tests need it: "
+            "`apt-get install -y redis-server` (or `make install`, which does it)"
+        )
     port = free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning",
-           "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+    cmd = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--loglevel",
+        "warning",
+        "--maxmemory",
+        maxmemory,
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]
     if password:
         cmd += ["--requirepass", password]
     server = Server("redis-server", "redis", port, subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
@@ -75,7 +93,9 @@ def _wait_ready(server: Server, probe, timeout: float) -> Server:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with code {server.proc.returncode} on port {server.port}")
+            raise RuntimeError(
+                f"{server.name} exited with code {server.proc.returncode} on port {server.port}"
+            )
         if probe(server.port):
             return server
         time.sleep(0.1)

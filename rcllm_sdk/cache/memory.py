@@ -5,6 +5,7 @@ every store opened with the same NAME shares (a stand-in for a server, so its hi
 ``REMOTE``), namespaces kept apart. Setting ``store.down = True`` makes every call fail as a
 server that is down would (fault-injection for tests).
 """
+
 from __future__ import annotations
 
 import threading

@@ -12,6 +12,7 @@ the same map (same ``map_id``) agrees on every item's home.
 Balance: every shard holds ``mean * (1 +/- slack)`` items (``mean = n / n_shards``), rounded
 inward; see :func:`balance_bounds` for tiny shards. Numpy and scipy only: this module plans.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +21,11 @@ import math
 import operator
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -102,7 +103,9 @@ class ShardMap:
             return None
         c = None if self.centroids is None else np.array(self.centroids, np.float32)
         if c is None or c.ndim != 2 or c.shape[0] != self.n_shards or not np.isfinite(c).all():
-            raise ConfigError(f"a similarity shard map needs finite centroids of shape [{self.n_shards}, dim]")
+            raise ConfigError(
+                f"a similarity shard map needs finite centroids of shape [{self.n_shards}, dim]"
+            )
         c.flags.writeable = False
         return c
 
@@ -117,8 +120,9 @@ class ShardMap:
 
     def sizes(self, item_ids=None) -> np.ndarray:
         """Items per shard, ``[n_shards]`` int64: of ``item_ids`` if given, else of the mapped items."""
-        shards = (list(self.item_shard.values()) if item_ids is None
-                  else [self.shard_for(int(i)) for i in item_ids])
+        shards = (
+            list(self.item_shard.values()) if item_ids is None else [self.shard_for(int(i)) for i in item_ids]
+        )
         return np.bincount(np.asarray(shards, np.int64), minlength=self.n_shards)
 
     @cached_property
@@ -154,15 +158,21 @@ class ShardMap:
             raise
 
     @classmethod
-    def load(cls, path: str | Path) -> "ShardMap":
+    def load(cls, path: str | Path) -> ShardMap:
         """Read a map written by :meth:`save`; a missing, corrupt or foreign file raises ConfigError."""
         try:
             doc = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read shard map {path}: {e}") from e
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{path} is not a shard map of format {FORMAT!r} version {FORMAT_VERSION}; "
-                              "rebuild it with similarity_placement or hash_placement")
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != FORMAT
+            or doc.get("format_version") != FORMAT_VERSION
+        ):
+            raise ConfigError(
+                f"{path} is not a shard map of format {FORMAT!r} version {FORMAT_VERSION}; "
+                "rebuild it with similarity_placement or hash_placement"
+            )
         try:
             return cls._from_json(doc)
         except (KeyError, TypeError, ValueError, ConfigError) as e:
@@ -170,14 +180,21 @@ class ShardMap:
 
     def _to_json(self) -> dict:
         ids = sorted(self.item_shard)
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
-                "n_shards": self.n_shards, "version": self.version, "slack": self.slack,
-                "item_ids": ids, "shards": [self.item_shard[i] for i in ids],
-                "centroids": None if self.centroids is None else self.centroids.tolist()}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "n_shards": self.n_shards,
+            "version": self.version,
+            "slack": self.slack,
+            "item_ids": ids,
+            "shards": [self.item_shard[i] for i in ids],
+            "centroids": None if self.centroids is None else self.centroids.tolist(),
+        }
 
     @classmethod
-    def _from_json(cls, doc: dict) -> "ShardMap":
-        table = dict(zip(doc["item_ids"], doc["shards"]))
+    def _from_json(cls, doc: dict) -> ShardMap:
+        table = dict(zip(doc["item_ids"], doc["shards"], strict=False))
         if not len(table) == len(doc["item_ids"]) == len(doc["shards"]):
             raise ValueError("item_ids must be unique and as many as shards")
         centroids = None if doc["centroids"] is None else np.array(doc["centroids"], np.float32)
@@ -195,8 +212,9 @@ def hash_placement(item_ids, n_shards: int) -> ShardMap:
     return ShardMap("hash", n_shards)
 
 
-def similarity_placement(item_ids, embeddings, n_shards: int, *, slack: float = DEFAULT_SLACK, seed: int = 0,
-                         iterations: int = 20) -> ShardMap:
+def similarity_placement(
+    item_ids, embeddings, n_shards: int, *, slack: float = DEFAULT_SLACK, seed: int = 0, iterations: int = 20
+) -> ShardMap:
     """Balanced k-means: similar items share a shard, every shard within :func:`balance_bounds`.
 
     k-means++ seeds (from ``seed``) on the non-zero rows, then Lloyd iterations whose assignment
@@ -224,7 +242,9 @@ def similarity_placement(item_ids, embeddings, n_shards: int, *, slack: float = 
         raise ConfigError(f"slack must be in [0, 1), got {slack!r}")
     low, high = balance_bounds(len(ids), n_shards, slack)
     informative = np.abs(x).sum(axis=1) > 0  # zero rows (unseen items) do not move centroids
-    centroids = _kmeans_plus_plus(x[informative] if informative.any() else x, n_shards, np.random.default_rng(seed))
+    centroids = _kmeans_plus_plus(
+        x[informative] if informative.any() else x, n_shards, np.random.default_rng(seed)
+    )
     shard_of = np.full(len(ids), -1)
     for _ in range(iterations):
         cost = _cost(x, centroids)
@@ -232,7 +252,7 @@ def similarity_placement(item_ids, embeddings, n_shards: int, *, slack: float = 
         if np.array_equal(new, shard_of):
             break
         shard_of, centroids = new, _centroids(x[informative], new[informative], centroids)
-    table = dict(zip(ids.tolist(), shard_of.tolist()))
+    table = dict(zip(ids.tolist(), shard_of.tolist(), strict=False))
     return ShardMap("similarity", n_shards, 1, table, centroids.astype(np.float32), slack)
 
 
@@ -257,7 +277,7 @@ def add_items(shard_map: ShardMap, item_ids, embeddings) -> ShardMap:
     shard_of = cost.argmin(axis=1)
     room = np.maximum(high - shard_map.sizes(), 0)
     _drain_excess(cost, shard_of, np.bincount(shard_of, minlength=S), np.zeros(S, np.int64), room)
-    table = {**shard_map.item_shard, **dict(zip(ids[new].tolist(), shard_of.tolist()))}
+    table = {**shard_map.item_shard, **dict(zip(ids[new].tolist(), shard_of.tolist(), strict=False))}
     return replace(shard_map, version=shard_map.version + 1, item_shard=table)
 
 
@@ -299,7 +319,9 @@ def _check_shard_count(n_shards, n_items: int | None = None) -> None:
 def _checked_ids(item_ids) -> np.ndarray:
     ids = np.asarray(item_ids)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ConfigError(f"item_ids must be a 1-D sequence of integers, got shape {ids.shape} dtype {ids.dtype}")
+        raise ConfigError(
+            f"item_ids must be a 1-D sequence of integers, got shape {ids.shape} dtype {ids.dtype}"
+        )
     ids = ids.astype(np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ConfigError("item_ids holds duplicates; each item is placed once")
@@ -314,19 +336,24 @@ def _checked_items(item_ids, embeddings, dim: int | None = None) -> tuple[np.nda
     if dim is not None and x.shape[1] != dim:
         raise ConfigError(f"embeddings have dim {x.shape[1]} but the shard map's centroids have dim {dim}")
     if not np.isfinite(x).all():
-        raise ConfigError(f"embeddings hold {int((~np.isfinite(x)).any(axis=1).sum())} rows with NaN or inf; "
-                          "fix them or give unseen items a zero vector")
+        raise ConfigError(
+            f"embeddings hold {int((~np.isfinite(x)).any(axis=1).sum())} rows with NaN or inf; "
+            "fix them or give unseen items a zero vector"
+        )
     return ids, x
 
 
 def _check_covers(shard_map: ShardMap, ids: np.ndarray) -> None:
     unknown = [i for i in ids.tolist() if i not in shard_map.item_shard]
     if unknown:
-        raise ConfigError(f"{len(unknown)} item ids are not in the shard map (first: {unknown[0]}); "
-                          "place them with add_items before rebalancing")
+        raise ConfigError(
+            f"{len(unknown)} item ids are not in the shard map (first: {unknown[0]}); "
+            "place them with add_items before rebalancing"
+        )
     if len(ids) != len(shard_map.item_shard):
-        raise ConfigError(f"rebalance needs embeddings of all {len(shard_map.item_shard)} mapped items, "
-                          f"got {len(ids)}")
+        raise ConfigError(
+            f"rebalance needs embeddings of all {len(shard_map.item_shard)} mapped items, got {len(ids)}"
+        )
 
 
 # ---- balanced k-means ------------------------------------------------------------------------

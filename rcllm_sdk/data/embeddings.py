@@ -5,6 +5,7 @@ users' (training) histories, weight them by positive pointwise mutual informatio
 and keep the top ``dim`` singular directions of that matrix (``U * sqrt(S)``), L2-normalised.
 Items never seen in training get a zero vector. The result is deterministic.
 """
+
 from __future__ import annotations
 
 import numpy as np

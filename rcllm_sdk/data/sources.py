@@ -4,6 +4,7 @@ Every reader returns a :class:`Dataset` with the same two tables. Malformed rows
 :class:`DataFormatError` naming the file, line and column, or, with ``skip_bad_rows=True``,
 are counted in ``Dataset.skipped`` and left out; nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,8 +29,13 @@ class Dataset:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def load(source: str, path: str | Path | None = None, *, skip_bad_rows: bool = False,
-         synthetic: SyntheticConfig | None = None) -> Dataset:
+def load(
+    source: str,
+    path: str | Path | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    synthetic: SyntheticConfig | None = None,
+) -> Dataset:
     """Load ``source`` (``synthetic``, ``movielens`` or ``csv``) into a :class:`Dataset`.
 
     Example:
@@ -56,8 +62,13 @@ def _load_movielens(folder: Path, skip: bool) -> Dataset:
         if not f.exists():
             raise DataFormatError(f"{f} not found: the movielens source reads the original u.data and u.item")
     skipped: dict[str, int] = {}
-    raw = pl.read_csv(data, separator="\t", has_header=False, infer_schema=False,
-                      new_columns=["user_id", "item_id", "rating", "timestamp"])
+    raw = pl.read_csv(
+        data,
+        separator="\t",
+        has_header=False,
+        infer_schema=False,
+        new_columns=["user_id", "item_id", "rating", "timestamp"],
+    )
     interactions = _typed(raw.drop("rating"), INTERACTION_SCHEMA, data, 1, skip, skipped)
     text = item_file.read_bytes().decode("latin-1")
     rows = [line.split("|") for line in text.splitlines() if line.strip()]
@@ -68,12 +79,16 @@ def _load_movielens(folder: Path, skip: bool) -> Dataset:
             if skip:
                 skipped[str(item_file)] = skipped.get(str(item_file), 0) + 1
                 continue
-            raise DataFormatError(f"{item_file}:{lineno}: expected {5 + len(genres)} '|'-separated fields, got {len(row)}")
-        flags = row[-len(genres):]
-        category = "|".join(g for g, f in zip(genres, flags) if f == "1")
+            raise DataFormatError(
+                f"{item_file}:{lineno}: expected {5 + len(genres)} '|'-separated fields, got {len(row)}"
+            )
+        flags = row[-len(genres) :]
+        category = "|".join(g for g, f in zip(genres, flags, strict=False) if f == "1")
         parsed.append((row[0], row[1], category))
     items = pl.DataFrame(parsed, schema=["item_id", "title", "category"], orient="row")
-    items = _typed(items, {k: ITEM_SCHEMA[k] for k in ("item_id", "title", "category")}, item_file, 1, skip, skipped)
+    items = _typed(
+        items, {k: ITEM_SCHEMA[k] for k in ("item_id", "title", "category")}, item_file, 1, skip, skipped
+    )
     return _finish(folder.name, interactions, items, skipped)
 
 
@@ -81,19 +96,25 @@ def _movielens_genres(folder: Path) -> list[str]:
     genre_file = folder / "u.genre"
     if not genre_file.exists():
         raise DataFormatError(f"{genre_file} not found: needed to name the genre flags of u.item")
-    lines = [line.split("|")[0] for line in genre_file.read_text(encoding="latin-1").splitlines() if line.strip()]
+    lines = [
+        line.split("|")[0] for line in genre_file.read_text(encoding="latin-1").splitlines() if line.strip()
+    ]
     return lines
 
 
 def _load_csv(folder: Path, skip: bool) -> Dataset:
-    inter_file = next((folder / n for n in ("interactions.csv", "interactions.csv.gz") if (folder / n).exists()), None)
+    inter_file = next(
+        (folder / n for n in ("interactions.csv", "interactions.csv.gz") if (folder / n).exists()), None
+    )
     item_file = folder / "items.csv"
     if inter_file is None or not item_file.exists():
         raise DataFormatError(f"{folder} must hold interactions.csv (or .csv.gz) and items.csv")
     skipped: dict[str, int] = {}
     raw = pl.read_csv(inter_file, infer_schema=False)
     _require_columns(raw, INTERACTION_SCHEMA, inter_file)
-    interactions = _typed(raw.select(list(INTERACTION_SCHEMA)), INTERACTION_SCHEMA, inter_file, 2, skip, skipped)
+    interactions = _typed(
+        raw.select(list(INTERACTION_SCHEMA)), INTERACTION_SCHEMA, inter_file, 2, skip, skipped
+    )
     raw_items = pl.read_csv(item_file, infer_schema=False)
     _require_columns(raw_items, {k: None for k in ("item_id", "title", "category")}, item_file)
     wanted = [c for c in ITEM_SCHEMA if c in raw_items.columns]
@@ -107,8 +128,9 @@ def _require_columns(frame: pl.DataFrame, schema: dict, file: Path) -> None:
         raise DataFormatError(f"{file}: missing column(s) {missing}; found {frame.columns}")
 
 
-def _typed(frame: pl.DataFrame, schema: dict, file: Path, first_line: int, skip: bool,
-           skipped: dict[str, int]) -> pl.DataFrame:
+def _typed(
+    frame: pl.DataFrame, schema: dict, file: Path, first_line: int, skip: bool, skipped: dict[str, int]
+) -> pl.DataFrame:
     """Cast string columns to ``schema``; a value that does not parse is an error or a counted skip."""
     flags = [_bad_cell(c, d).alias(f"_bad_{c}") for c, d in schema.items()]
     checked = frame.with_row_index("_line", offset=first_line).with_columns(flags)
@@ -117,8 +139,10 @@ def _typed(frame: pl.DataFrame, schema: dict, file: Path, first_line: int, skip:
     if n_bad and not skip:
         row = checked.filter(pl.col("_bad")).row(0, named=True)
         col = next(c for c in schema if row[f"_bad_{c}"])
-        raise DataFormatError(f"{file}:{row['_line']}: column {col!r} has invalid value {row[col]!r} "
-                              f"(expected {_dtype_name(schema[col])}); fix the file or pass --skip-bad-rows")
+        raise DataFormatError(
+            f"{file}:{row['_line']}: column {col!r} has invalid value {row[col]!r} "
+            f"(expected {_dtype_name(schema[col])}); fix the file or pass --skip-bad-rows"
+        )
     if n_bad:
         skipped[str(file)] = skipped.get(str(file), 0) + n_bad
     casts = [pl.col(c).str.strip_chars().cast(d) if d != pl.Utf8 else pl.col(c) for c, d in schema.items()]
@@ -141,13 +165,18 @@ def _finish(name: str, interactions: pl.DataFrame, items: pl.DataFrame, skipped:
     items = items.with_columns(pl.col("category").fill_null(""), pl.col("text").fill_null(""))
     dup = items.filter(pl.col("item_id").is_duplicated())
     if dup.height:
-        raise DataFormatError(f"items: item_id {dup['item_id'][0]} appears more than once; ids must be unique")
+        raise DataFormatError(
+            f"items: item_id {dup['item_id'][0]} appears more than once; ids must be unique"
+        )
     unknown = interactions.join(items.select("item_id"), on="item_id", how="anti")
     if unknown.height:
-        raise DataFormatError(f"interactions reference {unknown.height} rows of item ids missing from items "
-                              f"(first: {unknown['item_id'][0]}); add them to items.csv")
-    interactions = (interactions.with_row_index("_order")
-                    .sort(["user_id", "timestamp", "_order"]).drop("_order"))
+        raise DataFormatError(
+            f"interactions reference {unknown.height} rows of item ids missing from items "
+            f"(first: {unknown['item_id'][0]}); add them to items.csv"
+        )
+    interactions = (
+        interactions.with_row_index("_order").sort(["user_id", "timestamp", "_order"]).drop("_order")
+    )
     first_only = interactions.unique(["user_id", "item_id"], keep="first", maintain_order=True)
     if first_only.height < interactions.height:  # a repeat would leak the test item into the history
         skipped["repeat interactions (first kept)"] = interactions.height - first_only.height

@@ -4,6 +4,7 @@ Users with fewer than three interactions have no test or validation item (all tr
 split is a column of the ingested interaction table, so every later stage reads it from one
 place and training never sees a test item.
 """
+
 from __future__ import annotations
 
 import polars as pl
@@ -20,10 +21,15 @@ def leave_one_out(interactions: pl.DataFrame) -> pl.DataFrame:
         pl.int_range(pl.len()).over("user_id").alias("position"),
         pl.len().over("user_id").alias("_n"),
     )
-    split = (pl.when(pl.col("_n") < 3).then(pl.lit(TRAIN))
-             .when(pl.col("position") == pl.col("_n") - 1).then(pl.lit(TEST))
-             .when(pl.col("position") == pl.col("_n") - 2).then(pl.lit(VAL))
-             .otherwise(pl.lit(TRAIN)))
+    split = (
+        pl.when(pl.col("_n") < 3)
+        .then(pl.lit(TRAIN))
+        .when(pl.col("position") == pl.col("_n") - 1)
+        .then(pl.lit(TEST))
+        .when(pl.col("position") == pl.col("_n") - 2)
+        .then(pl.lit(VAL))
+        .otherwise(pl.lit(TRAIN))
+    )
     return with_pos.with_columns(split.alias("split")).drop("_n")
 
 
@@ -34,6 +40,8 @@ def histories(interactions: pl.DataFrame, exclude: tuple[str, ...] = (TEST,)) ->
     ends with the validation item.
     """
     kept = interactions.filter(~pl.col("split").is_in(list(exclude)))
-    return (kept.sort(["user_id", "position"])
-            .group_by("user_id", maintain_order=True)
-            .agg(pl.col("item_id").alias("item_ids"), pl.col("timestamp").alias("timestamps")))
+    return (
+        kept.sort(["user_id", "position"])
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id").alias("item_ids"), pl.col("timestamp").alias("timestamps"))
+    )

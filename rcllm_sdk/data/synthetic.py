@@ -17,6 +17,7 @@ The habits differ per user and can only be read off the history's content (does 
 follow series? stay in a category?), which a global blend of co-occurrence, similarity and
 popularity cannot do per user: a content-reading ranker has something to learn.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +26,57 @@ import numpy as np
 import polars as pl
 
 _CATEGORIES = [
-    "Mystery", "Cooking", "Space", "Romance", "History", "Horror", "Sports", "Music",
-    "Travel", "Comedy", "Science", "Fantasy", "Western", "Nature", "Crime", "Family",
-    "Poetry", "Finance", "Health", "Gaming", "Design", "War", "Ocean", "Myth",
+    "Mystery",
+    "Cooking",
+    "Space",
+    "Romance",
+    "History",
+    "Horror",
+    "Sports",
+    "Music",
+    "Travel",
+    "Comedy",
+    "Science",
+    "Fantasy",
+    "Western",
+    "Nature",
+    "Crime",
+    "Family",
+    "Poetry",
+    "Finance",
+    "Health",
+    "Gaming",
+    "Design",
+    "War",
+    "Ocean",
+    "Myth",
 ]
-_SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "vo", "shi", "dun", "pel", "qua", "zor", "bel",
-              "nim", "tor", "fa", "gri", "ul", "ex", "an", "sol", "mer", "dra", "ko", "vin"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ten",
+    "vo",
+    "shi",
+    "dun",
+    "pel",
+    "qua",
+    "zor",
+    "bel",
+    "nim",
+    "tor",
+    "fa",
+    "gri",
+    "ul",
+    "ex",
+    "an",
+    "sol",
+    "mer",
+    "dra",
+    "ko",
+    "vin",
+]
 _GENERIC = ["story", "tale", "journey", "chronicle", "season", "guide", "legend", "saga"]
 
 
@@ -144,8 +190,10 @@ class _UserWalker:
 
 def user_habits(cfg: SyntheticConfig, rng) -> tuple[float, float]:
     """One user's ``(p_sequel, p_stay)`` (two draws from ``rng``, whatever the values)."""
-    return (float(cfg.sequel_habits[rng.integers(len(cfg.sequel_habits))]),
-            float(cfg.stay_habits[rng.integers(len(cfg.stay_habits))]))
+    return (
+        float(cfg.sequel_habits[rng.integers(len(cfg.sequel_habits))]),
+        float(cfg.stay_habits[rng.integers(len(cfg.stay_habits))]),
+    )
 
 
 def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -170,6 +218,8 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
         users += [user] * len(seq)
         item_ids += [i + 1 for i in seq]
         stamps += [t0 + 3_600 * k for k in range(len(seq))]
-    interactions = pl.DataFrame({"user_id": users, "item_id": item_ids, "timestamp": stamps},
-                                schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64})
+    interactions = pl.DataFrame(
+        {"user_id": users, "item_id": item_ids, "timestamp": stamps},
+        schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64},
+    )
     return interactions, items

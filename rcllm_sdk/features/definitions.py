@@ -3,6 +3,7 @@
 ``feature_repo/features.py`` calls :func:`feature_definitions` so that the ``feast`` CLI sees the
 same objects the SDK applies.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -22,14 +23,22 @@ def feature_definitions(data_dir: str | Path) -> list:
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
     history = FeatureView(
-        name=USER_VIEW, entities=[user], ttl=timedelta(0),
+        name=USER_VIEW,
+        entities=[user],
+        ttl=timedelta(0),
         schema=[Field(name="item_ids", dtype=Array(Int64)), Field(name="timestamps", dtype=Array(Int64))],
         source=FileSource(path=str(data_dir / "user_history.parquet"), timestamp_field="event_timestamp"),
     )
     items = FeatureView(
-        name=ITEM_VIEW, entities=[item], ttl=timedelta(0),
-        schema=[Field(name="title", dtype=String), Field(name="category", dtype=String),
-                Field(name="text", dtype=String), Field(name="embedding", dtype=Array(Float32))],
+        name=ITEM_VIEW,
+        entities=[item],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="title", dtype=String),
+            Field(name="category", dtype=String),
+            Field(name="text", dtype=String),
+            Field(name="embedding", dtype=Array(Float32)),
+        ],
         source=FileSource(path=str(data_dir / "items.parquet"), timestamp_field="event_timestamp"),
     )
     return [user, item, history, items]

@@ -1,4 +1,5 @@
 """The SDK's window on Feast: create the repo, apply and materialize, read online features."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ def online_store_yaml(online_store: str) -> str:
     if online_store == "sqlite":
         return "  type: sqlite\n  path: data/online_store.db"
     if online_store.startswith("redis://"):
-        return f"  type: redis\n  connection_string: \"{online_store.removeprefix('redis://')}\""
+        return f'  type: redis\n  connection_string: "{online_store.removeprefix("redis://")}"'
     raise FeatureRepoError(f"online store {online_store!r} is not supported; use sqlite or redis://host:port")
 
 
@@ -49,7 +50,9 @@ class FeatureClient:
     def __init__(self, repo: str | Path):
         self.repo = Path(repo)
         if not (self.repo / "feature_store.yaml").exists():
-            raise FeatureRepoError(f"{self.repo} has no feature_store.yaml: run `rcllm ingest --repo {self.repo}` first")
+            raise FeatureRepoError(
+                f"{self.repo} has no feature_store.yaml: run `rcllm ingest --repo {self.repo}` first"
+            )
         os.environ.setdefault("FEAST_USAGE", "False")
         from feast import FeatureStore  # lazy: slow import
 
@@ -67,8 +70,10 @@ class FeatureClient:
     def histories(self, user_ids: list[int]) -> list[tuple[list[int], list[int]] | None]:
         """``(item_ids, timestamps)`` per user, oldest first; ``None`` for a user the store lacks."""
         rows = self._read(USER_VIEW, USER_FEATURES, "user_id", user_ids)
-        return [None if ids is None else (list(ids), list(ts or []))
-                for ids, ts in zip(rows["item_ids"], rows["timestamps"])]
+        return [
+            None if ids is None else (list(ids), list(ts or []))
+            for ids, ts in zip(rows["item_ids"], rows["timestamps"], strict=False)
+        ]
 
     def items(self, item_ids: list[int]) -> dict[str, list]:
         """Columns ``title, category, text, embedding`` for ``item_ids`` (``None`` where unknown)."""
@@ -76,8 +81,11 @@ class FeatureClient:
 
     def _read(self, view: str, features: list[str], key: str, ids: list[int]) -> dict[str, list]:
         try:
-            response = self.store.get_online_features(features=[f"{view}:{f}" for f in features],
-                                                      entity_rows=[{key: int(i)} for i in ids])
+            response = self.store.get_online_features(
+                features=[f"{view}:{f}" for f in features], entity_rows=[{key: int(i)} for i in ids]
+            )
         except Exception as exc:  # Feast raises many types for an unapplied or broken repo
-            raise FeatureRepoError(f"{self.repo}: reading {view} failed ({exc}); run `rcllm ingest` first") from exc
+            raise FeatureRepoError(
+                f"{self.repo}: reading {view} failed ({exc}); run `rcllm ingest` first"
+            ) from exc
         return response.to_dict()

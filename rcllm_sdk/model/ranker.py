@@ -1,4 +1,5 @@
 """Build, save, load and fingerprint the ranker: any HF causal LM with rotary positions."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,11 @@ class RankerSize:
     max_positions: int = 4096
 
 
-PRESETS = {"micro": RankerSize(64, 2, 2, 1, 128), "small": RankerSize(), "base": RankerSize(256, 6, 8, 4, 768)}
+PRESETS = {
+    "micro": RankerSize(64, 2, 2, 1, 128),
+    "small": RankerSize(),
+    "base": RankerSize(256, 6, 8, 4, 768),
+}
 
 
 @dataclass(slots=True)
@@ -45,15 +50,28 @@ class Ranker:
     training: dict = field(default_factory=dict)  # TRAINING_FILE's record, e.g. {"block_aware": True, ...}
 
 
-def build_ranker(tokenizer, template: PromptTemplate, size: RankerSize = RankerSize(),
-                 item_vectors: dict[int, np.ndarray] | None = None, seed: int = 0) -> Ranker:
+def build_ranker(
+    tokenizer,
+    template: PromptTemplate,
+    size: RankerSize = RankerSize(),
+    item_vectors: dict[int, np.ndarray] | None = None,
+    seed: int = 0,
+) -> Ranker:
     """A fresh ``LlamaForCausalLM``; item-token embeddings start from ``item_vectors`` when given."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
-                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         num_key_value_heads=size.kv_heads, max_position_embeddings=size.max_positions,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=size.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     if item_vectors:
         _init_item_embeddings(model, tokenizer, item_vectors, seed)
@@ -106,15 +124,19 @@ def load_ranker(model: str | Path, template: PromptTemplate | None = None, dtype
         raise ModelLoadError(f"{path}: an item-lm ranker's compiled label lookup needs float32, got {dtype}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
-                                                  attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: could not load a causal LM and tokenizer ({exc})") from exc
     lm.eval()
     template_file = path / TEMPLATE_FILE
     if template is None:
-        template = PromptTemplate(**json.loads(template_file.read_text())) if template_file.exists() \
+        template = (
+            PromptTemplate(**json.loads(template_file.read_text()))
+            if template_file.exists()
             else PromptTemplate(item_tokens=False)
+        )
     return Ranker(lm, tokenizer, template, fingerprint(path), path, training)
 
 
@@ -129,8 +151,10 @@ def _resolve(model: str) -> Path:
         return local / "model" if (local / "model" / "config.json").exists() else local
     path = Path(model)
     if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} holds no config.json: pass a Hugging Face model folder "
-                             "(save_pretrained output) or an MLflow URI such as runs:/<run_id>/model")
+        raise ModelLoadError(
+            f"{path} holds no config.json: pass a Hugging Face model folder "
+            "(save_pretrained output) or an MLflow URI such as runs:/<run_id>/model"
+        )
     return path
 
 
@@ -140,8 +164,10 @@ def _checked_config(path: Path):
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}/config.json is not a Hugging Face model config: {exc}") from exc
     if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(f"{path}: model_type {config.model_type!r} is not supported; "
-                             f"use a rotary causal LM of the families {SUPPORTED_FAMILIES}")
+        raise ModelLoadError(
+            f"{path}: model_type {config.model_type!r} is not supported; "
+            f"use a rotary causal LM of the families {SUPPORTED_FAMILIES}"
+        )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
     if not rope:
         raise ModelLoadError(f"{path}: config has no rotary position settings (rope_parameters/rope_theta)")
@@ -158,9 +184,11 @@ def fingerprint(path: str | Path) -> str:
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(Path(path).iterdir()):
         if f.suffix in (".json", ".txt", ".model") and f.is_file():
-            h.update(f.name.encode()); h.update(f.read_bytes())
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin"):
-            h.update(f.name.encode()); h.update(str(f.stat().st_size).encode())
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
             _hash_weights(h, f)
     return h.hexdigest()
 
@@ -172,4 +200,5 @@ def _hash_weights(h, file: Path, whole_limit: int = 256 << 20, stride: int = 16 
             h.update(fh.read())
             return
         for offset in range(0, size, stride):
-            fh.seek(offset); h.update(fh.read(1 << 20))
+            fh.seek(offset)
+            h.update(fh.read(1 << 20))

@@ -2,6 +2,7 @@
 
 This is the reference every faster mode is checked against.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,9 @@ def label_logits(model, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.
 
 
 @torch.inference_mode()
-def score_full(model, sequences: list[list[int]], label_ids: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+def score_full(
+    model, sequences: list[list[int]], label_ids: list[list[int]], pad_id: int
+) -> list[torch.Tensor]:
     """Label scores of each prompt by one plain forward over the whole batch; ``[K_b]`` per prompt."""
     ids, mask, lengths = pad_batch(sequences, pad_id)
     hidden = last_hidden(model, ids, mask, lengths)

@@ -1,9 +1,11 @@
 """Pure rendering of (history, candidates, template) into hashed, spanned blocks. No torch."""
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from .template import PromptTemplate
 
@@ -64,21 +66,31 @@ def block_hash(fingerprint: str, kind: str, token_ids: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def block_texts(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo],
-                template: PromptTemplate) -> list[tuple[str, str]]:
+def block_texts(
+    history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template: PromptTemplate
+) -> list[tuple[str, str]]:
     """``(kind, text)`` of every block in prompt order."""
     if len(candidates) > len(template.labels):
-        raise ValueError(f"{len(candidates)} candidates but only {len(template.labels)} labels in the template")
+        raise ValueError(
+            f"{len(candidates)} candidates but only {len(template.labels)} labels in the template"
+        )
     parts = [(SYSTEM, template.system), (USER, template.user_text(history))]
-    for label, item in zip(template.labels, candidates):
+    for label, item in zip(template.labels, candidates, strict=False):
         parts.append((LABEL, template.label_line(label)))
-        parts.append((ITEM, template.item_line(item.item_id, item.title, item.category, item.text, with_text=True)))
+        parts.append(
+            (ITEM, template.item_line(item.item_id, item.title, item.category, item.text, with_text=True))
+        )
     parts.append((QUERY, template.query))
     return parts
 
 
-def render(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template: PromptTemplate,
-           tokenizer: Tokenizer, fingerprint: str) -> RenderedPrompt:
+def render(
+    history: Sequence[ItemInfo],
+    candidates: Sequence[ItemInfo],
+    template: PromptTemplate,
+    tokenizer: Tokenizer,
+    fingerprint: str,
+) -> RenderedPrompt:
     """Render the blocks of one ranking prompt.
 
     Example:
@@ -92,26 +104,37 @@ def render(history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template
     return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
 
 
-def encode_blocks(parts: Sequence[tuple[str, str]], tokenizer: Tokenizer, fingerprint: str,
-                  item_ids: Sequence[int | None] | None = None) -> list[Block]:
+def encode_blocks(
+    parts: Sequence[tuple[str, str]],
+    tokenizer: Tokenizer,
+    fingerprint: str,
+    item_ids: Sequence[int | None] | None = None,
+) -> list[Block]:
     """Tokenise ``(kind, text)`` parts into consecutive blocks (spans start at 0); ``item_ids``
     gives each part's item id (None for non-item parts)."""
     encoded = tokenizer([text for _, text in parts], add_special_tokens=False)["input_ids"]
     item_ids = item_ids if item_ids is not None else [None] * len(parts)
     blocks, start = [], 0
-    for (kind, _), ids, item in zip(parts, encoded, item_ids):
+    for (kind, _), ids, item in zip(parts, encoded, item_ids, strict=False):
         blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids), item))
         start += len(ids)
     return blocks
 
 
-def cacheable_blocks(histories: Sequence[Sequence[ItemInfo]], items: Sequence[ItemInfo], template: PromptTemplate,
-                     tokenizer: Tokenizer, fingerprint: str) -> list[Block]:
+def cacheable_blocks(
+    histories: Sequence[Sequence[ItemInfo]],
+    items: Sequence[ItemInfo],
+    template: PromptTemplate,
+    tokenizer: Tokenizer,
+    fingerprint: str,
+) -> list[Block]:
     """The system block, one user block per history and one item block per item, exactly as
     prompts contain them (same token ids, so the same content hashes)."""
     parts = [(SYSTEM, template.system)]
     parts += [(USER, template.user_text(list(h))) for h in histories]
-    parts += [(ITEM, template.item_line(i.item_id, i.title, i.category, i.text, with_text=True)) for i in items]
+    parts += [
+        (ITEM, template.item_line(i.item_id, i.title, i.category, i.text, with_text=True)) for i in items
+    ]
     item_ids = [None] * (1 + len(histories)) + [i.item_id for i in items]
     return [replace(b, start=0) for b in encode_blocks(parts, tokenizer, fingerprint, item_ids)]
 

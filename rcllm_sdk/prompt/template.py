@@ -4,6 +4,7 @@ Every block ends with a newline and none starts with whitespace, so byte-level B
 pre-tokenisers (GPT-2, Llama 3, Qwen) never merge tokens across a block boundary: the
 blocks' token ids concatenate to the tokenisation of the whole prompt (tested).
 """
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
-NEXT_MARKER = "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm_ranker.py)
+NEXT_MARKER = (
+    "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm_ranker.py)
+)
 # Relation markers (``PromptTemplate.relation_markers``): special tokens opening a history line,
 # saying how its item follows the line before it, read off the titles and categories the prompt shows.
 SEQUEL_MARKER = "<sequel>"  # the next part of the previous item's series ("Name Part 2" after "Name Part 1")
@@ -20,7 +23,9 @@ SAME_CATEGORY_MARKER = "<same>"  # otherwise: the same category as the previous 
 RELATION_MARKERS = (SEQUEL_MARKER, SAME_CATEGORY_MARKER)
 
 _YEAR = re.compile(r"\s*\(\d{4}\)$")
-_PART = re.compile(r"^(?P<name>.*?\S):?\s+(?:Part\s+(?P<number>\d{1,2})|(?P<digit>[2-9])|(?P<roman>II|III|IV|V|VI|VII|VIII|IX|X))$")
+_PART = re.compile(
+    r"^(?P<name>.*?\S):?\s+(?:Part\s+(?P<number>\d{1,2})|(?P<digit>[2-9])|(?P<roman>II|III|IV|V|VI|VII|VIII|IX|X))$"
+)
 _ROMAN = {"II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
 
 
@@ -89,8 +94,12 @@ class PromptTemplate:
     def __post_init__(self):
         if not self.system.endswith("\n") or not self.history_header.endswith("\n"):
             raise ValueError("system and history_header must end with a newline (block boundary rule)")
-        if self.history_footer and (not self.history_footer.endswith("\n") or self.history_footer[0].isspace()):
-            raise ValueError("history_footer must end with a newline and not start with whitespace (block boundary rule)")
+        if self.history_footer and (
+            not self.history_footer.endswith("\n") or self.history_footer[0].isspace()
+        ):
+            raise ValueError(
+                "history_footer must end with a newline and not start with whitespace (block boundary rule)"
+            )
         if self.max_history < 1:
             raise ValueError("max_history must be at least 1")
         if not (self.item_tokens or self.titles or self.categories):
@@ -98,7 +107,9 @@ class PromptTemplate:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be distinct")
 
-    def item_line(self, item_id: int, title: str, category: str, text: str = "", with_text: bool = False) -> str:
+    def item_line(
+        self, item_id: int, title: str, category: str, text: str = "", with_text: bool = False
+    ) -> str:
         """One item as text, ending with a newline and starting with no whitespace."""
         head = item_token(item_id) if self.item_tokens else ""
         words = [title.strip()] if self.titles else []
@@ -111,11 +122,13 @@ class PromptTemplate:
 
     def user_text(self, history) -> str:
         """The user block: header and the most recent ``max_history`` items (``ItemInfo``-like)."""
-        recent = history[-self.max_history:]
+        recent = history[-self.max_history :]
         lines = [self.item_line(i.item_id, i.title, i.category) for i in recent]
         if self.relation_markers:
-            lines[1:] = [relation(a.title, a.category, b.title, b.category) + line
-                         for line, a, b in zip(lines[1:], recent, recent[1:])]
+            lines[1:] = [
+                relation(a.title, a.category, b.title, b.category) + line
+                for line, a, b in zip(lines[1:], recent, recent[1:], strict=False)
+            ]
         return self.history_header + "".join(lines) + self.history_footer
 
     def label_line(self, label: str) -> str:

@@ -6,6 +6,7 @@ the T token rows plus one header row. The header holds the block's 64-bit conten
 that every float dtype represents exactly. A value whose shape, dtype or header does not
 match what the prompt needs is never used: it counts as a miss and is recomputed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,15 @@ def pack(kv: torch.Tensor, content_hash: int) -> torch.Tensor:
     return out
 
 
-def unpack(stored: torch.Tensor | None, content_hash: int, tokens: int, layers: int, heads: int, dim: int,
-           dtype: torch.dtype) -> torch.Tensor | None:
+def unpack(
+    stored: torch.Tensor | None,
+    content_hash: int,
+    tokens: int,
+    layers: int,
+    heads: int,
+    dim: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
     """The ``[2, L, T, H, D]`` block KV if ``stored`` is exactly the block asked for, else None."""
     if stored is None or stored.dtype != dtype or tuple(stored.shape) != (2, layers, tokens + 1, heads * dim):
         return None

@@ -11,6 +11,7 @@ chunks of ``chunk`` tokens, each keyed by the hash of the whole prefix up to its
 longest run of stored chunks from the start is reused and everything after it is computed
 by the same runner and attention path, then its full chunks are written back.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,14 @@ class Scored:
 class BlockEngine:
     """Cached-KV scoring for one ranker and one block store. Safe to share between threads."""
 
-    def __init__(self, ranker, store, policy: str | Policy = DEFAULT_POLICY, backend: str = "auto",
-                 prefix_chunk: int = 16):
+    def __init__(
+        self,
+        ranker,
+        store,
+        policy: str | Policy = DEFAULT_POLICY,
+        backend: str = "auto",
+        prefix_chunk: int = 16,
+    ):
         self.ranker, self.store, self.backend, self.prefix_chunk = ranker, store, backend, prefix_chunk
         self.policy = parse_policy(policy)
         # Write-back runs beside the request, as LMCache stores after prefill: a request's
@@ -59,25 +66,39 @@ class BlockEngine:
 
     # ---- rcllm ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, prompts: list[RenderedPrompt], label_ids: list[list[int]],
-              policy: Policy | None = None) -> list[Scored]:
+    def score(
+        self, prompts: list[RenderedPrompt], label_ids: list[list[int]], policy: Policy | None = None
+    ) -> list[Scored]:
         """Rank with reused block KV and the policy's selective recompute."""
         policy = policy or self.policy
-        found, computed, reads = self.block_kv([b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS])
+        found, computed, reads = self.block_kv(
+            [b for p in prompts for b in p.blocks if b.kind not in FRESH_KINDS]
+        )
         kv, stats = self.assemble(prompts, found, computed, reads)
         layouts = [_kinds_lengths(p) for p in prompts]
-        masks = [ranges_mask(policy.selected_ranges(*layout), p.text_length) for layout, p in zip(layouts, prompts)]
-        pinned = torch.cat([ranges_mask(fresh_ranges(*layout), p.text_length)[m]
-                            for layout, p, m in zip(layouts, prompts, masks)])
+        masks = [
+            ranges_mask(policy.selected_ranges(*layout), p.text_length)
+            for layout, p in zip(layouts, prompts, strict=False)
+        ]
+        pinned = torch.cat(
+            [
+                ranges_mask(fresh_ranges(*layout), p.text_length)[m]
+                for layout, p, m in zip(layouts, prompts, masks, strict=False)
+            ]
+        )
         narrowing = Narrowing(policy.ratio, policy.check_layer) if policy.name == "deviation" else None
         hidden, rows = self._run([p.input_ids for p in prompts], kv, masks, pinned, narrowing)
-        for s, n, p in zip(stats, rows.tolist(), prompts):
+        for s, n, p in zip(stats, rows.tolist(), prompts, strict=False):
             s.recomputed_fraction = n / p.text_length
         return self._scored(hidden, label_ids, stats)
 
-    def assemble(self, prompts: list[RenderedPrompt], found: dict[int, torch.Tensor],
-                 computed: set[int] = frozenset(), reads: dict[int, Read] | None = None
-                 ) -> tuple[torch.Tensor, list[CacheStats]]:
+    def assemble(
+        self,
+        prompts: list[RenderedPrompt],
+        found: dict[int, torch.Tensor],
+        computed: set[int] = frozenset(),
+        reads: dict[int, Read] | None = None,
+    ) -> tuple[torch.Tensor, list[CacheStats]]:
         """Packed ``[2, L, N, kv_heads, head_dim]`` cache of the prompts, keys at their real
         positions (fresh tokens are zero placeholders), and per-prompt hit/miss figures
         (``reads``: where each stored block came from)."""
@@ -101,7 +122,9 @@ class BlockEngine:
                     figures.kv_bytes_read += kv.numel() * kv.element_size()
                     _count_source(figures, nodes, reads.get(block.content_hash), kv)
                 pieces.append(kv.to(self.view.device, non_blocking=True))
-                deltas.append(torch.full((n,), float(0 if block.kind == SYSTEM else block.start - system_len)))
+                deltas.append(
+                    torch.full((n,), float(0 if block.kind == SYSTEM else block.start - system_len))
+                )
             figures.nodes_touched = len(nodes)
             stats.append(figures)
         kv = torch.cat(pieces, dim=2)
@@ -127,14 +150,23 @@ class BlockEngine:
     def _fetch(self, blocks) -> tuple[dict[int, torch.Tensor], dict[int, Read]]:
         found, reads = {}, {}
         got = self.store.batched_read([b.content_hash for b in blocks], placement=[b.item_id for b in blocks])
-        for block, read in zip(blocks, got):
+        for block, read in zip(blocks, got, strict=False):
             value = read.value
             reads[block.content_hash] = read
-            kv = blockkv.unpack(value, block.content_hash, len(block.token_ids), self.view.n_layers,
-                                self.view.n_kv_heads, self.view.head_dim, self.view.dtype)
+            kv = blockkv.unpack(
+                value,
+                block.content_hash,
+                len(block.token_ids),
+                self.view.n_layers,
+                self.view.n_kv_heads,
+                self.view.head_dim,
+                self.view.dtype,
+            )
             if kv is None and value is not None:
-                log.warning("block %016x: stored KV does not match it (shape, dtype or header); recomputing",
-                            block.content_hash)
+                log.warning(
+                    "block %016x: stored KV does not match it (shape, dtype or header); recomputing",
+                    block.content_hash,
+                )
             if kv is not None:
                 found[block.content_hash] = kv
         return found, reads
@@ -150,14 +182,19 @@ class BlockEngine:
     def compute(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Canonical KV of blocks (``[2, L, T, H, D]`` by content hash). System blocks need
         nothing before them; every other block needs its system block's KV."""
-        computed = {b.content_hash: compute_system(self.view, list(b.token_ids), self.backend)
-                    for b in blocks if b.kind == SYSTEM}
+        computed = {
+            b.content_hash: compute_system(self.view, list(b.token_ids), self.backend)
+            for b in blocks
+            if b.kind == SYSTEM
+        }
         others = [b for b in blocks if b.kind != SYSTEM]
         if others:
             if system_kv is None:
                 raise ValueError("user/item blocks are computed after the system block: pass its KV")
-            kvs = compute_blocks(self.view, system_kv, [list(b.token_ids) for b in others], backend=self.backend)
-            computed.update({b.content_hash: kv for b, kv in zip(others, kvs)})
+            kvs = compute_blocks(
+                self.view, system_kv, [list(b.token_ids) for b in others], backend=self.backend
+            )
+            computed.update({b.content_hash: kv for b, kv in zip(others, kvs, strict=False)})
         return computed
 
     # ---- prefix baseline --------------------------------------------------------------------
@@ -169,7 +206,7 @@ class BlockEngine:
             ids = prompt.input_ids
             keys = self.prefix_keys(ids)
             hit_keys = []
-            for key, present in zip(keys, self.store.batched_contains(keys)):
+            for key, present in zip(keys, self.store.batched_contains(keys), strict=False):
                 if not present:
                     break
                 hit_keys.append(key)
@@ -179,14 +216,22 @@ class BlockEngine:
             pieces.extend([c.to(self.view.device) for c in chunks] + [empty_kv(self.view, len(ids) - used)])
             reused.append(used)
             keys_of.append(keys)
-            stats.append(CacheStats(len(chunks), len(keys) - len(chunks), 0.0,
-                                    sum(c.numel() * c.element_size() for c in chunks)))
+            stats.append(
+                CacheStats(
+                    len(chunks),
+                    len(keys) - len(chunks),
+                    0.0,
+                    sum(c.numel() * c.element_size() for c in chunks),
+                )
+            )
         kv = torch.cat(pieces, dim=2)
-        masks = [torch.arange(p.text_length) >= used for p, used in zip(prompts, reused)]
+        masks = [torch.arange(p.text_length) >= used for p, used in zip(prompts, reused, strict=False)]
         token_lists = [p.input_ids for p in prompts]
-        hidden, rows = self._run(token_lists, kv, masks, torch.ones(int(sum(m.sum() for m in masks)), dtype=torch.bool))
+        hidden, rows = self._run(
+            token_lists, kv, masks, torch.ones(int(sum(m.sum() for m in masks)), dtype=torch.bool)
+        )
         self._store_prefix(token_lists, kv, reused, keys_of)
-        for s, n, p in zip(stats, rows.tolist(), prompts):
+        for s, n, p in zip(stats, rows.tolist(), prompts, strict=False):
             s.recomputed_fraction = n / p.text_length
         return self._scored(hidden, label_ids, stats)
 
@@ -201,9 +246,16 @@ class BlockEngine:
 
     def _prefix_chunks(self, keys: list[int]) -> list[torch.Tensor]:
         chunks = []
-        for key, value in zip(keys, self.store.batched_get(keys) if keys else []):
-            kv = blockkv.unpack(value, key, self.prefix_chunk, self.view.n_layers, self.view.n_kv_heads,
-                                self.view.head_dim, self.view.dtype)
+        for key, value in zip(keys, self.store.batched_get(keys) if keys else [], strict=False):
+            kv = blockkv.unpack(
+                value,
+                key,
+                self.prefix_chunk,
+                self.view.n_layers,
+                self.view.n_kv_heads,
+                self.view.head_dim,
+                self.view.dtype,
+            )
             if kv is None:
                 break
             chunks.append(kv)
@@ -231,9 +283,11 @@ class BlockEngine:
         self._store_prefix([ids[:end]], kv, [used], [keys])
         return len(keys) - len(chunks)
 
-    def _store_prefix(self, token_lists, kv: torch.Tensor, reused: list[int], keys_of: list[list[int]]) -> None:
+    def _store_prefix(
+        self, token_lists, kv: torch.Tensor, reused: list[int], keys_of: list[list[int]]
+    ) -> None:
         writes, offset = [], 0
-        for ids, used, keys in zip(token_lists, reused, keys_of):
+        for ids, used, keys in zip(token_lists, reused, keys_of, strict=False):
             for n in range(used // self.prefix_chunk, len(keys)):
                 start = offset + n * self.prefix_chunk
                 writes.append((keys[n], kv[:, :, start : start + self.prefix_chunk], None))
@@ -250,8 +304,10 @@ class BlockEngine:
 
     def _put(self, blocks: list[tuple[int, torch.Tensor, int | None]]) -> None:
         try:
-            self.store.batched_put([(key, blockkv.pack(kv, key)) for key, kv, _ in blocks],
-                                   placement=[item for _, _, item in blocks])
+            self.store.batched_put(
+                [(key, blockkv.pack(kv, key)) for key, kv, _ in blocks],
+                placement=[item for _, _, item in blocks],
+            )
         except Exception:  # a store must not raise; if one does, the blocks are simply not cached
             log.exception("writing %d blocks back to the store failed", len(blocks))
 
@@ -271,15 +327,31 @@ class BlockEngine:
     def _run(self, token_lists: list[list[int]], kv, masks, pinned, narrowing=None):
         lengths = [len(ids) for ids in token_lists]
         cu_k = torch.tensor([0] + lengths).cumsum(0)
-        selected = torch.cat([torch.nonzero(m).flatten() + int(start) for m, start in zip(masks, cu_k[:-1])])
+        selected = torch.cat(
+            [torch.nonzero(m).flatten() + int(start) for m, start in zip(masks, cu_k[:-1], strict=False)]
+        )
         cu_q = torch.tensor([0] + [int(m.sum()) for m in masks]).cumsum(0)
-        batch = PackedBatch(kv, torch.cat([torch.arange(n) for n in lengths]),
-                            torch.tensor([t for ids in token_lists for t in ids]), cu_k, selected, cu_q, pinned)
+        batch = PackedBatch(
+            kv,
+            torch.cat([torch.arange(n) for n in lengths]),
+            torch.tensor([t for ids in token_lists for t in ids]),
+            cu_k,
+            selected,
+            cu_q,
+            pinned,
+        )
         return run_selected(self.view, batch.to(self.view.device), narrowing, self.backend)
 
     def _scored(self, hidden, label_ids, stats) -> list[Scored]:
-        return [Scored(label_logits(self.ranker.model, hidden[i : i + 1], torch.tensor(lab, device=hidden.device))[0].cpu(), s)
-                for i, (lab, s) in enumerate(zip(label_ids, stats))]
+        return [
+            Scored(
+                label_logits(self.ranker.model, hidden[i : i + 1], torch.tensor(lab, device=hidden.device))[
+                    0
+                ].cpu(),
+                s,
+            )
+            for i, (lab, s) in enumerate(zip(label_ids, stats, strict=False))
+        ]
 
 
 def _kinds_lengths(prompt: RenderedPrompt) -> tuple[list[str], list[int]]:

@@ -4,6 +4,7 @@ Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) share one la
 ``model.model.{embed_tokens, layers, norm, rotary_emb}`` and per layer
 ``input_layernorm, self_attn.{q,k,v,o}_proj[, q_norm, k_norm], post_attention_layernorm, mlp``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,20 +37,33 @@ class ModelView:
         return self.model.base_model
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "ModelView":
+    def of(cls, model: torch.nn.Module) -> ModelView:
         base, config = model.base_model, model.config
-        missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, name)]
+        missing = [
+            name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, name)
+        ]
         if missing:
-            raise ModelLoadError(f"{type(model).__name__} lacks {missing}: the runner drives Llama-style decoders "
-                                 "(llama, mistral, qwen2, qwen3)")
+            raise ModelLoadError(
+                f"{type(model).__name__} lacks {missing}: the runner drives Llama-style decoders "
+                "(llama, mistral, qwen2, qwen3)"
+            )
         window = getattr(config, "sliding_window", None)
         if window and getattr(config, "use_sliding_window", window is not None):
-            raise ModelLoadError(f"sliding-window attention (window {window}) is not supported by the block runner")
+            raise ModelLoadError(
+                f"sliding-window attention (window {window}) is not supported by the block runner"
+            )
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(model, tuple(base.layers), len(base.layers), heads,
-                   getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                   next(model.parameters()).dtype, next(model.parameters()).device)
+        return cls(
+            model,
+            tuple(base.layers),
+            len(base.layers),
+            heads,
+            getattr(config, "num_key_value_heads", None) or heads,
+            head_dim,
+            next(model.parameters()).dtype,
+            next(model.parameters()).device,
+        )
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own ``cos, sin`` for ``positions [n]``: ``[n, 1, head_dim]`` each."""

@@ -11,6 +11,7 @@ A policy is named by a spec string (config, CLI, reports):
 Fresh tokens are always computed. The system block sits at its true position with nothing
 before it, so its cached KV is exact and no static policy recomputes it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Policy:
         if self.name in ("full", "deviation"):
             return [(0, sum(lengths))]
         ranges, start = [], 0
-        for kind, n in zip(kinds, lengths):
+        for kind, n in zip(kinds, lengths, strict=False):
             if kind in FRESH_KINDS:
                 ranges.append((start, start + n))
             elif self.name == "block_head" and kind != SYSTEM and self.head:
@@ -58,7 +59,7 @@ class Policy:
 def fresh_ranges(kinds: list[str], lengths: list[int]) -> Ranges:
     """Tokens of blocks that are never cached (labels, query)."""
     ranges, start = [], 0
-    for kind, n in zip(kinds, lengths):
+    for kind, n in zip(kinds, lengths, strict=False):
         if kind in FRESH_KINDS:
             ranges.append((start, start + n))
         start += n
@@ -81,4 +82,6 @@ def parse_policy(spec: str | Policy) -> Policy:
                 return Policy(name, ratio=ratio, check_layer=layer)
     except ValueError:
         pass
-    raise ConfigError(f"unknown selection policy {spec!r}; use full, none, block_head:K or deviation:RATIO[:LAYER]")
+    raise ConfigError(
+        f"unknown selection policy {spec!r}; use full, none, block_head:K or deviation:RATIO[:LAYER]"
+    )

@@ -6,6 +6,7 @@ attending to the system block and to itself. At assembly a block's keys are rota
 ``S`` to its real start (``model_view.shift_keys``). Positions are derived from this layout
 and the system block's length, never read back from storage.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,20 +16,34 @@ from .runner import PackedBatch, run_selected
 
 
 def empty_kv(view: ModelView, tokens: int) -> torch.Tensor:
-    return torch.zeros(2, view.n_layers, tokens, view.n_kv_heads, view.head_dim, dtype=view.dtype, device=view.device)
+    return torch.zeros(
+        2, view.n_layers, tokens, view.n_kv_heads, view.head_dim, dtype=view.dtype, device=view.device
+    )
 
 
 def compute_system(view: ModelView, system_ids: list[int], backend: str = "auto") -> torch.Tensor:
     """KV of the system block at positions ``0..S-1``: ``[2, L, S, kv_heads, head_dim]``."""
     n = len(system_ids)
-    batch = PackedBatch(empty_kv(view, n), torch.arange(n), torch.tensor(system_ids), torch.tensor([0, n]),
-                        torch.arange(n), torch.tensor([0, n]), torch.ones(n, dtype=torch.bool))
+    batch = PackedBatch(
+        empty_kv(view, n),
+        torch.arange(n),
+        torch.tensor(system_ids),
+        torch.tensor([0, n]),
+        torch.arange(n),
+        torch.tensor([0, n]),
+        torch.ones(n, dtype=torch.bool),
+    )
     run_selected(view, batch.to(view.device), backend=backend)
     return batch.kv
 
 
-def compute_blocks(view: ModelView, system_kv: torch.Tensor, blocks: list[list[int]], max_tokens: int = 8192,
-                   backend: str = "auto") -> list[torch.Tensor]:
+def compute_blocks(
+    view: ModelView,
+    system_kv: torch.Tensor,
+    blocks: list[list[int]],
+    max_tokens: int = 8192,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
     """Canonical KV of many blocks, packed several per forward: ``[2, L, T_b, kv_heads, head_dim]`` each."""
     out: list[torch.Tensor] = []
     for group in _groups(blocks, system_kv.shape[2], max_tokens):
@@ -56,8 +71,17 @@ def _compute_group(view: ModelView, system_kv: torch.Tensor, group: list[list[in
     cu_k = torch.tensor([0] + lengths).cumsum(0)
     positions = torch.cat([torch.arange(n) for n in lengths])
     token_ids = torch.cat([torch.tensor([0] * s + list(ids)) for ids in group])
-    selected = torch.cat([torch.arange(int(start) + s, int(end)) for start, end in zip(cu_k[:-1], cu_k[1:])])
+    selected = torch.cat(
+        [torch.arange(int(start) + s, int(end)) for start, end in zip(cu_k[:-1], cu_k[1:], strict=False)]
+    )
     cu_q = torch.tensor([0] + [len(ids) for ids in group]).cumsum(0)
-    run_selected(view, PackedBatch(kv, positions, token_ids, cu_k, selected, cu_q,
-                                   torch.ones(len(selected), dtype=torch.bool)).to(view.device), backend=backend)
-    return [kv[:, :, int(start) + s : int(end)].clone() for start, end in zip(cu_k[:-1], cu_k[1:])]
+    run_selected(
+        view,
+        PackedBatch(
+            kv, positions, token_ids, cu_k, selected, cu_q, torch.ones(len(selected), dtype=torch.bool)
+        ).to(view.device),
+        backend=backend,
+    )
+    return [
+        kv[:, :, int(start) + s : int(end)].clone() for start, end in zip(cu_k[:-1], cu_k[1:], strict=False)
+    ]

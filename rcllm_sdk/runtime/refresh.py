@@ -1,4 +1,5 @@
 """Precompute block KV into a store (``rcllm refresh``)."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,15 @@ from .engine import BlockEngine
 log = logging.getLogger("rcllm_sdk.runtime")
 
 
-def refresh_blocks(engine: BlockEngine, blocks: list[Block], batch_blocks: int = 64, force: bool = False,
-                   progress: bool = True, retries: int = 2, retry_wait_s: float = 1.0) -> dict:
+def refresh_blocks(
+    engine: BlockEngine,
+    blocks: list[Block],
+    batch_blocks: int = 64,
+    force: bool = False,
+    progress: bool = True,
+    retries: int = 2,
+    retry_wait_s: float = 1.0,
+) -> dict:
     """Compute and store the canonical KV of every block not already stored everywhere the
     store keeps it (all of them with ``force``).
 
@@ -32,9 +40,12 @@ def refresh_blocks(engine: BlockEngine, blocks: list[Block], batch_blocks: int =
     if len(systems) != 1:
         raise ValueError(f"refresh needs exactly one system block, got {len(systems)}")
     store = engine.store
-    present = ([False] * len(unique) if force else
-               store.batched_stored([b.content_hash for b in unique], placement=[b.item_id for b in unique]))
-    todo = [b for b, stored in zip(unique, present) if not stored]
+    present = (
+        [False] * len(unique)
+        if force
+        else store.batched_stored([b.content_hash for b in unique], placement=[b.item_id for b in unique])
+    )
+    todo = [b for b, stored in zip(unique, present, strict=False) if not stored]
     system_kv = engine.compute(systems, None)[systems[0].content_hash]
     tokens, failed = 0, []
     bar = tqdm(total=len(todo), desc="refresh blocks", unit="block", disable=not progress)
@@ -50,12 +61,25 @@ def refresh_blocks(engine: BlockEngine, blocks: list[Block], batch_blocks: int =
     manifests_failed = store.write_manifests() if not failed and hasattr(store, "write_manifests") else []
     seconds = time.perf_counter() - started
     if failed:
-        log.warning("refresh: %d of %d blocks could not be written everywhere after %d retries; "
-                    "run the refresh again to finish them", len(failed), len(todo), retries)
-    return {"blocks": len(unique), "computed": len(todo), "already_stored": len(unique) - len(todo),
-            "tokens": tokens, "seconds": seconds, "blocks_per_s": len(todo) / seconds if seconds else 0.0,
-            "tokens_per_s": tokens / seconds if seconds else 0.0, "write_failures": len(failed),
-            "failed_keys": [f"{key:016x}" for key in failed[:20]], "manifest_failures": manifests_failed}
+        log.warning(
+            "refresh: %d of %d blocks could not be written everywhere after %d retries; "
+            "run the refresh again to finish them",
+            len(failed),
+            len(todo),
+            retries,
+        )
+    return {
+        "blocks": len(unique),
+        "computed": len(todo),
+        "already_stored": len(unique) - len(todo),
+        "tokens": tokens,
+        "seconds": seconds,
+        "blocks_per_s": len(todo) / seconds if seconds else 0.0,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "write_failures": len(failed),
+        "failed_keys": [f"{key:016x}" for key in failed[:20]],
+        "manifest_failures": manifests_failed,
+    }
 
 
 def _store(store, batch: list[Block], kvs: dict, retries: int, wait_s: float) -> list[int]:
@@ -65,8 +89,10 @@ def _store(store, batch: list[Block], kvs: dict, retries: int, wait_s: float) ->
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(wait_s)
-        pending = store.batched_put([(key, blockkv.pack(kvs[key], key)) for key in pending],
-                                    placement=[placement[key] for key in pending])
+        pending = store.batched_put(
+            [(key, blockkv.pack(kvs[key], key)) for key in pending],
+            placement=[placement[key] for key in pending],
+        )
         if not pending:
             break
     return pending

@@ -6,6 +6,7 @@ overwrite the assembled cache in place, and they attend over every key of their 
 that is causally visible by position. Unselected tokens keep the cached K/V they came with.
 With every token selected this is exactly the model's own forward (tested against HF).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,10 +40,15 @@ class PackedBatch:
     cu_q: torch.Tensor
     pinned: torch.Tensor
 
-    def to(self, device: torch.device) -> "PackedBatch":
+    def to(self, device: torch.device) -> PackedBatch:
         """The index tensors on ``device`` (``kv`` is already there: it is filled in place)."""
-        return PackedBatch(self.kv, *(t.to(device) for t in (self.positions, self.token_ids, self.cu_k, self.selected,
-                                                               self.cu_q, self.pinned)))
+        return PackedBatch(
+            self.kv,
+            *(
+                t.to(device)
+                for t in (self.positions, self.token_ids, self.cu_k, self.selected, self.cu_q, self.pinned)
+            ),
+        )
 
 
 def ranges_mask(ranges: list[tuple[int, int]], length: int) -> torch.Tensor:
@@ -64,8 +70,9 @@ class Narrowing:
 
 
 @torch.inference_mode()
-def run_selected(view: ModelView, batch: PackedBatch, narrowing: Narrowing | None = None,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def run_selected(
+    view: ModelView, batch: PackedBatch, narrowing: Narrowing | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden state of the last selected row of every request, ``[B, hidden]``,
     and the number of selected rows per request that ran every layer, ``[B]``."""
     kv, selected, cu_q, pinned = batch.kv, batch.selected, batch.cu_q, batch.pinned
@@ -74,19 +81,34 @@ def run_selected(view: ModelView, batch: PackedBatch, narrowing: Narrowing | Non
     cos, sin = view.rope(positions, hidden)
     for index, layer in enumerate(view.layers):
         check = narrowing is not None and index == narrowing.check_layer
-        hidden, deviation = _layer(view, layer, index, hidden, kv, batch, selected, positions, cos, sin, cu_q,
-                                   backend, measure=check)
+        hidden, deviation = _layer(
+            view, layer, index, hidden, kv, batch, selected, positions, cos, sin, cu_q, backend, measure=check
+        )
         if check:
             keep = _most_deviating(deviation, pinned, cu_q, narrowing.ratio)
-            hidden, selected, positions, cos, sin, pinned = (t[keep] for t in (hidden, selected, positions, cos,
-                                                                             sin, pinned))
+            hidden, selected, positions, cos, sin, pinned = (
+                t[keep] for t in (hidden, selected, positions, cos, sin, pinned)
+            )
             cu_q = _offsets(keep, cu_q)
     last = cu_q[1:] - 1
     return view.base.norm(hidden[last]), cu_q[1:] - cu_q[:-1]
 
 
-def _layer(view: ModelView, layer, index: int, hidden, kv, batch: PackedBatch, selected, positions, cos, sin,
-           cu_q, backend: str, measure: bool):
+def _layer(
+    view: ModelView,
+    layer,
+    index: int,
+    hidden,
+    kv,
+    batch: PackedBatch,
+    selected,
+    positions,
+    cos,
+    sin,
+    cu_q,
+    backend: str,
+    measure: bool,
+):
     attn, n = layer.self_attn, hidden.shape[0]
     x = layer.input_layernorm(hidden)
     q = attn.q_proj(x).view(n, view.n_heads, view.head_dim)
@@ -97,22 +119,34 @@ def _layer(view: ModelView, layer, index: int, hidden, kv, batch: PackedBatch, s
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     deviation = None
     if measure:
-        deviation = ((k - kv[0, index, selected]).float().square().sum((1, 2))
-                     + (v - kv[1, index, selected]).float().square().sum((1, 2)))
+        deviation = (k - kv[0, index, selected]).float().square().sum((1, 2)) + (
+            v - kv[1, index, selected]
+        ).float().square().sum((1, 2))
     kv[0, index, selected] = k
     kv[1, index, selected] = v
-    out = selective_attention(q, kv[0, index], kv[1, index], positions, batch.positions, cu_q, batch.cu_k,
-                              attn.scaling, backend=backend)
+    out = selective_attention(
+        q,
+        kv[0, index],
+        kv[1, index],
+        positions,
+        batch.positions,
+        cu_q,
+        batch.cu_k,
+        attn.scaling,
+        backend=backend,
+    )
     hidden = hidden + attn.o_proj(out.reshape(n, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, deviation
 
 
-def _most_deviating(deviation: torch.Tensor, pinned: torch.Tensor, cu_q: torch.Tensor, ratio: float) -> torch.Tensor:
+def _most_deviating(
+    deviation: torch.Tensor, pinned: torch.Tensor, cu_q: torch.Tensor, ratio: float
+) -> torch.Tensor:
     """Row indices kept after the check layer: pinned rows plus each request's top ``ratio``."""
     keep = pinned.clone()
     bounds = cu_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
         free = torch.nonzero(~pinned[start:end]).flatten() + start
         count = int(round(ratio * len(free)))
         if count:

@@ -8,10 +8,10 @@ def test_block_probe_prompts_and_report():
     import torch
 
     from rcllm_sdk.cache import open_store
-    from research.block_probe import LABEL0, POLICIES, ProbeConfig, build_model, make_prompt, markdown, run
     from rcllm_sdk.model.ranker import Ranker
     from rcllm_sdk.model.scoring import score_full
     from rcllm_sdk.runtime.engine import BlockEngine
+    from research.block_probe import LABEL0, POLICIES, ProbeConfig, build_model, make_prompt, markdown, run
 
     cfg = ProbeConfig(candidates=3, item_tokens=4, hidden=32, layers=1, steps=3, eval_prompts=20)
     rng = np.random.default_rng(0)
@@ -23,8 +23,12 @@ def test_block_probe_prompts_and_report():
     model, prompts = build_model(cfg).eval(), [make_prompt(rng, cfg)[0] for _ in range(4)]
     labels = [list(range(LABEL0, LABEL0 + 3))] * 4
     with open_store("memory://", "probe") as store:
-        served = BlockEngine(Ranker(model, None, None, "probe"), store, "full", backend="torch").score(prompts, labels)
-    for got, want in zip(served, score_full(model, [p.input_ids for p in prompts], labels, pad_id=0)):
+        served = BlockEngine(Ranker(model, None, None, "probe"), store, "full", backend="torch").score(
+            prompts, labels
+        )
+    for got, want in zip(
+        served, score_full(model, [p.input_ids for p in prompts], labels, pad_id=0), strict=False
+    ):
         assert torch.allclose(got.logits, want, atol=1e-4)
 
     report = run(cfg, progress=False)

@@ -1,4 +1,5 @@
 """The accuracy-gate sweep's pieces: the isolated lookup task, mimetic and label-head inits, a short run."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,17 +12,28 @@ N_ITEMS, LABEL0, NEWLINE, ITEM0 = 30, 10, 5, 100
 def _data(rng) -> dict:
     """A tiny export in the format ``gate_sweep export`` writes: token ids of every prompt piece."""
     users = lambda n: [[ITEM0 + int(i), NEWLINE] for i in rng.integers(0, N_ITEMS, n)]  # noqa: E731
-    rows = lambda n: [(sum(users(3), []), [int(c) for c in rng.permutation(N_ITEMS)[: gs.K]],  # noqa: E731
-                       int(rng.integers(0, gs.K))) for _ in range(n)]
+    rows = lambda n: [
+        (
+            sum(users(3), []),
+            [int(c) for c in rng.permutation(N_ITEMS)[: gs.K]],  # noqa: E731
+            int(rng.integers(0, gs.K)),
+        )
+        for _ in range(n)
+    ]
     return {
         "meta": {"vocab": ITEM0 + N_ITEMS, "pad": 0, "bos": 1, "eos": 2},
-        "system": [3, 4, NEWLINE], "query": [6, 7, 8], "hint_prefix": [9], "hint_suffix": [6, 7, 8],
+        "system": [3, 4, NEWLINE],
+        "query": [6, 7, 8],
+        "hint_prefix": [9],
+        "hint_suffix": [6, 7, 8],
         "label_blocks": [[LABEL0 + k, NEWLINE] for k in range(gs.K)],
         "label_ids": [LABEL0 + k for k in range(gs.K)],
         "item_lines": [[ITEM0 + i, 40 + i % 7, NEWLINE] for i in range(N_ITEMS)],
         "item_tokens": [ITEM0 + i for i in range(N_ITEMS)],
         "item_vectors": torch.randn(N_ITEMS, 8, generator=torch.Generator().manual_seed(0)),
-        "train": rows(40), "val": rows(12), "test": rows(12),
+        "train": rows(40),
+        "val": rows(12),
+        "test": rows(12),
     }
 
 
@@ -30,20 +42,22 @@ def test_lookup_queries_name_a_candidate_after_its_label():
     data = _data(rng)
     seqs, positions, targets, spans = gs.lookup_batch(data, rng, n=4, k=5, pairs=6)
     flat = iter(targets)
-    for seq, pos, sp in zip(seqs, positions, spans):
+    for seq, pos, sp in zip(seqs, positions, spans, strict=False):
         assert len(pos) == 6 and len(sp) == 5 and pos == list(range(len(seq) - 6, len(seq)))
         for p in pos:
             target = next(flat)
             start, _ = sp[target]
             assert seq[start] == seq[p]  # the query names candidate `target`'s item
             assert seq[start - 2] == data["label_ids"][target]  # whose label block precedes it
-        assert not set(seq[pos[0]:]) & set(data["label_ids"])  # no answer is spelled after the prompt
+        assert not set(seq[pos[0] :]) & set(data["label_ids"])  # no answer is spelled after the prompt
 
 
 def test_lookup_queries_cannot_see_each_other():
     mask, positions = gs.isolated_queries(torch.tensor([7, 5]), [4, 3], width=7)
     first = mask[0, 0]
-    assert first[:4, :4].equal(torch.ones(4, 4, dtype=torch.bool).tril()) and not first[:4, 4:].any()  # causal
+    assert (
+        first[:4, :4].equal(torch.ones(4, 4, dtype=torch.bool).tril()) and not first[:4, 4:].any()
+    )  # causal
     for q in range(4, 7):
         assert first[q, :4].all() and first[q, q] and first[q, 4:].sum() == 1  # prompt + itself only
     assert positions[0].tolist() == [0, 1, 2, 3, 4, 4, 4]
@@ -59,7 +73,9 @@ def test_lookup_queries_cannot_see_each_other():
         ids, _, lengths = gs.pad([seq], 0, torch.device("cpu"))
         mask, position_ids = gs.isolated_queries(lengths, [pos[0][0]], ids.shape[1])
         with torch.no_grad():
-            states.append(model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state)
+            states.append(
+                model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            )
     for p in (pos[0][0], pos[0][2]):
         assert torch.allclose(states[0][0, p], states[1][0, p], atol=1e-6)
     assert not torch.allclose(states[0][0, pos[0][1]], states[1][0, pos[0][1]])
@@ -89,7 +105,9 @@ def test_mimetic_init_shares_query_and_key_projections_after_layer_0():
         per_kv = attn.q_proj.out_features // attn.k_proj.out_features  # query heads per KV head
         for q in range(attn.q_proj.out_features // dim):
             kv = q // per_kv
-            assert torch.equal(attn.q_proj.weight[q * dim:(q + 1) * dim], attn.k_proj.weight[kv * dim:(kv + 1) * dim])
+            assert torch.equal(
+                attn.q_proj.weight[q * dim : (q + 1) * dim], attn.k_proj.weight[kv * dim : (kv + 1) * dim]
+            )
         rows = attn.k_proj.weight[:dim] / 3.0
         assert torch.allclose(rows @ rows.T, torch.eye(dim), atol=1e-5)  # orthonormal rows, scaled
     assert model.config.rope_parameters["rope_theta"] == 1e6
@@ -112,7 +130,11 @@ def test_k_schedule_starts_after_lookup_pretraining():
     k_at = lambda cfg, p: gs.schedules({**gs.DEFAULTS, **cfg}, p)[1]  # noqa: E731
     after_lookup = dict(pretrain=0.4, k_end=0.9)
     assert [k_at(after_lookup, p) for p in (0.0, 0.4, 0.65, 0.9, 1.0)] == [2, 2, 11, 20, 20]
-    assert [k_at(dict(k_end=0.5), p) for p in (0.0, 0.25, 0.5)] == [2, 11, 20]  # no pretraining: from the start
+    assert [k_at(dict(k_end=0.5), p) for p in (0.0, 0.25, 0.5)] == [
+        2,
+        11,
+        20,
+    ]  # no pretraining: from the start
     assert k_at(dict(pretrain=0.6), 0.7) == gs.K  # no schedule
 
 
@@ -123,7 +145,10 @@ def test_recall_last_ends_the_prompt_with_the_last_history_item():
     assert gs.last_item(data, user) == user[-2] - ITEM0  # user rows are [item, newline] * 3
     ids = gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, recall_last=True))
     assert ids[-4:] == data["query"] + [user[-2]]
-    assert gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, False))[-3:] == data["query"]
+    assert (
+        gs.prompt_ids(data, user, cands[:3], None, tail_item=gs.query_item(data, user, False))[-3:]
+        == data["query"]
+    )
 
 
 def test_prompt_features_read_position_category_share_cosine_next_part_and_transition():
@@ -133,9 +158,13 @@ def test_prompt_features_read_position_category_share_cosine_next_part_and_trans
 
     from rcllm_sdk.prompt import ItemInfo
 
-    catalog = {1: ItemInfo(1, "Kalo Saga Part 1", "Space"), 2: ItemInfo(2, "Kalo Saga Part 2", "Space"),
-               3: ItemInfo(3, "Kalo Saga Part 3", "Space"), 4: ItemInfo(4, "Mira Tale Part 2", "Cooking"),
-               5: ItemInfo(5, "Vosh Guide Part 1", "Cooking")}
+    catalog = {
+        1: ItemInfo(1, "Kalo Saga Part 1", "Space"),
+        2: ItemInfo(2, "Kalo Saga Part 2", "Space"),
+        3: ItemInfo(3, "Kalo Saga Part 3", "Space"),
+        4: ItemInfo(4, "Mira Tale Part 2", "Cooking"),
+        5: ItemInfo(5, "Vosh Guide Part 1", "Cooking"),
+    }
     embeddings = np.array([[1, 0], [1, 0], [0, 2], [3, 4], [0, 1]], dtype=float)
     retriever = SimpleNamespace(embeddings=embeddings, index={i: i - 1 for i in catalog})
     moves = np.zeros((5, 5))
@@ -144,11 +173,16 @@ def test_prompt_features_read_position_category_share_cosine_next_part_and_trans
     hist, cands = [5, 1, 5, 2], [3, 4, 1]  # last item: Kalo Saga Part 2 (Space)
     f = gs._prompt_features(hist, cands, catalog, retriever)
     assert f.shape == (3, gs.K + len(gs.CONTENT_FEATURES))
-    assert (f[:, :3] == np.eye(3)).all() and not f[:, 3:gs.K].any()  # the position one-hot
+    assert (f[:, :3] == np.eye(3)).all() and not f[:, 3 : gs.K].any()  # the position one-hot
     # habits: one open sequel (1 -> 2), not taken: (0 + 1) / (1 + 2); no step stayed: (0 + 1) / (3 + 2)
-    np.testing.assert_allclose(f[:, gs.K:], [[1, 0.5, 0.0, 1, 0, 1 / 3, 0.2],  # Part 3 follows Part 2; orthogonal
-                                             [0, 0.5, 0.6, 0, 0, 0, 0],        # Cooking: 2 of 4; cosine 3/5
-                                             [1, 0.5, 1.0, 0, 0, 0, 0.2]])     # Part 1 precedes it; same vector
+    np.testing.assert_allclose(
+        f[:, gs.K :],
+        [
+            [1, 0.5, 0.0, 1, 0, 1 / 3, 0.2],  # Part 3 follows Part 2; orthogonal
+            [0, 0.5, 0.6, 0, 0, 0, 0],  # Cooking: 2 of 4; cosine 3/5
+            [1, 0.5, 1.0, 0, 0, 0, 0.2],
+        ],
+    )  # Part 1 precedes it; same vector
     moved = gs._prompt_features(hist, cands, catalog, retriever, transitions)[:, gs.K + 4]
     np.testing.assert_allclose(moved, [1.0, 0.25, 0.2 / 0.6])  # over the largest share among the candidates
 
@@ -179,8 +213,12 @@ def test_item_lm_headroom_refuses_scoring_beyond_the_training_window(ingested_re
 def test_content_item_lm_marks_category_stays_and_next_parts_of_the_previous_item():
     import polars as pl
 
-    items = pl.DataFrame({"title": ["Vo Saga Part 1", "Vo Saga Part 2", "Ka Tale Part 1", "Vo Saga Part 3"],
-                          "category": ["Mystery", "Mystery", "Mystery", "Health"]})
+    items = pl.DataFrame(
+        {
+            "title": ["Vo Saga Part 1", "Vo Saga Part 2", "Ka Tale Part 1", "Vo Saga Part 3"],
+            "category": ["Mystery", "Mystery", "Mystery", "Health"],
+        }
+    )
     features = gs._content_features(items, [[0, 1, 2], [3]])
     assert features["part"].tolist() == [1, 2, 1, 3] and features["log_count"].shape == (4, 1)
     assert torch.equal(features["series"][0], features["series"][1])  # the same series name: the same code
@@ -189,7 +227,9 @@ def test_content_item_lm_marks_category_stays_and_next_parts_of_the_previous_ite
     codes = gs.ContentItemLM._transition_codes(torch.tensor([0, 1, 2, 3]), features)
     assert codes.tolist() == [4, 3, 1]
     assert gs.ContentItemLM._transition_codes(torch.tensor([1, 3]), features).tolist() == [2]
-    assert gs.ContentItemLM._transition_codes(torch.tensor([0, 1, 2, 3]), features, sequels=False).tolist() == [3, 3, 1]
+    assert gs.ContentItemLM._transition_codes(
+        torch.tensor([0, 1, 2, 3]), features, sequels=False
+    ).tolist() == [3, 3, 1]
     model = gs.ContentItemLM(layers=1, hidden=8, transitions="both")
     scores = model.candidate_scores([[0, 1], [2]], [[2, 3], [0, 1]], features)
     assert scores.shape == (2, 2) and torch.isfinite(scores).all()

@@ -3,9 +3,9 @@ import polars as pl
 
 from rcllm_sdk.data.split import TEST, VAL, histories
 from rcllm_sdk.evaluation.metrics import METRICS, rank_of
-from research.retriever_grid import grid, retriever_ndcg
 from rcllm_sdk.ingest import read_manifest
 from rcllm_sdk.retrieval import Retriever, RetrieverConfig
+from research.retriever_grid import grid, retriever_ndcg
 
 
 def _serving_ndcg(repo, k=20):
@@ -13,7 +13,9 @@ def _serving_ndcg(repo, k=20):
     interactions = pl.read_parquet(repo / "data" / "interactions.parquet")
     truth = dict(interactions.filter(pl.col("split") == TEST).select("user_id", "item_id").iter_rows())
     retriever = Retriever.load(repo / "data" / "retriever.npz")
-    ranks = [rank_of(retriever.candidates(list(h), k), truth[u]) for u, h, _ in histories(interactions).iter_rows()]
+    ranks = [
+        rank_of(retriever.candidates(list(h), k), truth[u]) for u, h, _ in histories(interactions).iter_rows()
+    ]
     return METRICS["ndcg@10"](np.array(ranks)).mean()
 
 
@@ -24,8 +26,12 @@ def test_test_split_score_is_the_serving_retrievers(ingested_repo):
 
 def test_grid_scores_every_setting_on_validation_and_test(ingested_repo):
     rows = grid([ingested_repo], decays=[0.3, 0.6], similarities=[0.0, 0.3])
-    assert [(r["config"]["decay"], r["config"]["w_similarity"]) for r in rows] == [(0.3, 0.0), (0.3, 0.3),
-                                                                                  (0.6, 0.0), (0.6, 0.3)]
+    assert [(r["config"]["decay"], r["config"]["w_similarity"]) for r in rows] == [
+        (0.3, 0.0),
+        (0.3, 0.3),
+        (0.6, 0.0),
+        (0.6, 0.3),
+    ]
     for row in rows:
         scores = row["scores"][ingested_repo.name]
         assert 0.0 <= scores[VAL] <= 1.0 and 0.0 <= scores[TEST] <= 1.0

@@ -31,3 +31,8 @@ class NotEnoughCandidatesError(RcLLMError):
 
 class ConfigError(RcLLMError):
     """A configuration value is invalid."""
+
+
+class InvariantError(RcLLMError, ValueError):
+    """Tensors or blocks handed to the runtime or a kernel break what it relies on (shape,
+    dtype, device, offsets, one system block per batch): a bug in the caller, not a setting."""

@@ -6,13 +6,10 @@ Quick start:
     >>> rec.recommend(user_id=42, k=10)
 """
 
-import os
-
-# LMCache sends anonymous usage reports unless told not to; set before any LMCache import.
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
-
-from .errors import (  # noqa: E402
+# Importing the package changes no process-wide setting: models load with local_files_only=True,
+# and LMCache's usage reporting is switched off by rcllm_sdk.cache.lmcache_compat, which every
+# LMCache import goes through.
+from .errors import (
     ConfigError,
     DataFormatError,
     EmptyHistoryError,
@@ -22,7 +19,7 @@ from .errors import (  # noqa: E402
     RcLLMError,
     UnknownUserError,
 )
-from .types import CacheStats, Recommendation  # noqa: E402
+from .types import CacheStats, Recommendation
 
 
 def __getattr__(name):  # keep `import rcllm_sdk` light: torch and Feast load on first use

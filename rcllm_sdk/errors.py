@@ -36,3 +36,15 @@ class ConfigError(RcLLMError):
 class InvariantError(RcLLMError, ValueError):
     """Tensors or blocks handed to the runtime or a kernel break what it relies on (shape,
     dtype, device, offsets, one system block per batch): a bug in the caller, not a setting."""
+
+
+class TrainingDataError(RcLLMError):
+    """The training data cannot train the asked-for ranker (too few sequences or examples)."""
+
+
+class CompileError(RcLLMError):
+    """A compiled item-LM ranker's constants or shapes violate a safety margin it depends on."""
+
+
+class ServiceStartError(RcLLMError, RuntimeError):
+    """A local helper service (redis-server, an LMCache server) could not be started."""

@@ -7,7 +7,7 @@ import pytest
 
 from rcllm_sdk.data.sources import load
 from rcllm_sdk.data.split import leave_one_out
-from rcllm_sdk.errors import DataFormatError
+from rcllm_sdk.errors import ConfigError, DataFormatError
 
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -132,9 +132,9 @@ def test_synthetic_habits_set_how_often_users_continue_a_series():
         return sum(nexts) / len(nexts)
 
     assert sequel_rate((1.0,)) > 0.4 > 0.05 > sequel_rate((0.0,))
-    with pytest.raises(ValueError, match="sequel_habits"):
+    with pytest.raises(ConfigError, match="sequel_habits"):
         SyntheticConfig(sequel_habits=(1.5,))
-    with pytest.raises(ValueError, match="stay_habits"):
+    with pytest.raises(ConfigError, match="stay_habits"):
         SyntheticConfig(stay_habits=())
 
 

@@ -17,7 +17,7 @@ import torch
 from rcllm_sdk.cache import codec, open_store
 from rcllm_sdk.cache.cluster import ClusterConfig, NodeSpec
 from rcllm_sdk.cache.local_servers import free_port, start_lmcache, start_redis
-from rcllm_sdk.errors import ConfigError
+from rcllm_sdk.errors import ConfigError, InvariantError
 
 BACKENDS = ["memory", "local", "fs", "lm", "redis", "cluster"]
 SHARED = {"memory", "fs", "lm", "redis", "cluster"}  # a second store on the same location sees the values
@@ -206,7 +206,7 @@ def test_bad_keys_and_values_raise(backend):
             store.put(key, kv(1))
     with pytest.raises(ValueError):
         store.put(1, torch.zeros(2, 1, 1, 4, dtype=torch.int64))
-    with pytest.raises(TypeError):
+    with pytest.raises(InvariantError):
         store.put(1, [1.0])
 
 

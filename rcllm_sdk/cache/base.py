@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..errors import InvariantError
+
 if TYPE_CHECKING:
     import torch
 
@@ -139,7 +141,7 @@ class BlockStore(ABC):
         key's nodes). What a refresh checks before skipping a block."""
         return self.batched_contains(keys)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default no-op: stores holding nothing need no close
         """Release the backend; never hangs. Later calls behave as if the backend were down."""
 
     @property
@@ -191,5 +193,5 @@ def redact_url(text: str) -> str:
 def check_key(key: int) -> int:
     """Keys are unsigned 64-bit content hashes."""
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < MAX_KEY:
-        raise ValueError(f"a block key must be an int in [0, 2**64), got {key!r}")
+        raise InvariantError(f"a block key must be an int in [0, 2**64), got {key!r}")
     return key

@@ -42,7 +42,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvariantError
 from .base import FAULT, LOCAL, MISS, BlockStore, Read, check_key
 from .placement import ShardMap, hash_shard
 
@@ -391,5 +391,5 @@ def _placement(placement, n: int) -> list[int | None]:
         return [None] * n
     placement = list(placement)
     if len(placement) != n:
-        raise ValueError(f"placement has {len(placement)} entries for {n} keys")
+        raise InvariantError(f"placement has {len(placement)} entries for {n} keys")
     return placement

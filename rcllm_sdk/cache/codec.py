@@ -17,6 +17,8 @@ import zlib
 
 import torch
 
+from ..errors import InvariantError
+
 HEADER_BYTES = 64  # the payload starts 64-byte aligned inside the blob
 MAGIC, VERSION = b"RCKV", 1
 MAX_DIMS = 4
@@ -34,13 +36,15 @@ def namespace_tag(namespace: str) -> int:
 
 
 def check_tensor(kv: torch.Tensor) -> None:
-    """Raise TypeError/ValueError for a value the codec cannot store."""
+    """Raise InvariantError for a value the codec cannot store."""
     if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"a KV block must be a torch.Tensor, got {type(kv).__name__}")
+        raise InvariantError(f"a KV block must be a torch.Tensor, got {type(kv).__name__}")
     if kv.dtype not in DTYPES:
-        raise ValueError(f"KV dtype must be one of {[str(d) for d in DTYPES]}, got {kv.dtype}")
+        raise InvariantError(f"KV dtype must be one of {[str(d) for d in DTYPES]}, got {kv.dtype}")
     if not 1 <= kv.dim() <= MAX_DIMS:
-        raise ValueError(f"a KV block has 1 to {MAX_DIMS} dims ([2, L, T, W]), got shape {tuple(kv.shape)}")
+        raise InvariantError(
+            f"a KV block has 1 to {MAX_DIMS} dims ([2, L, T, W]), got shape {tuple(kv.shape)}"
+        )
 
 
 def blob_size(kv: torch.Tensor) -> int:

@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..errors import ServiceStartError
+
 
 @dataclass
 class Server:
@@ -52,7 +54,7 @@ def start_redis(maxmemory: str = "512mb", password: str | None = None) -> Server
     Redis nodes for KV blocks should run with; the lm:// server never evicts)."""
     exe = shutil.which("redis-server")
     if exe is None:
-        raise RuntimeError(
+        raise ServiceStartError(
             "redis-server is not installed; the store tests need it: "
             "`apt-get install -y redis-server` (or `make install`, which does it)"
         )
@@ -93,14 +95,16 @@ def _wait_ready(server: Server, probe, timeout: float) -> Server:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(
+            raise ServiceStartError(
                 f"{server.name} exited with code {server.proc.returncode} on port {server.port}"
             )
         if probe(server.port):
             return server
         time.sleep(0.1)
     server.kill()
-    raise RuntimeError(f"{server.name} did not accept connections on port {server.port} within {timeout} s")
+    raise ServiceStartError(
+        f"{server.name} did not accept connections on port {server.port} within {timeout} s"
+    )
 
 
 def _accepts(port: int) -> bool:

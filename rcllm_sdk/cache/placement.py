@@ -196,7 +196,7 @@ class ShardMap:
     def _from_json(cls, doc: dict) -> ShardMap:
         table = dict(zip(doc["item_ids"], doc["shards"], strict=False))
         if not len(table) == len(doc["item_ids"]) == len(doc["shards"]):
-            raise ValueError("item_ids must be unique and as many as shards")
+            raise ConfigError("a shard map's item_ids must be unique and as many as its shards")
         centroids = None if doc["centroids"] is None else np.array(doc["centroids"], np.float32)
         return cls(doc["method"], doc["n_shards"], doc["version"], table, centroids, doc["slack"])
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from ..errors import ConfigError
+
 _CATEGORIES = [
     "Mystery",
     "Cooking",
@@ -98,15 +100,15 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not 1 <= self.n_categories <= len(_CATEGORIES):
-            raise ValueError(f"n_categories must be in 1..{len(_CATEGORIES)}, got {self.n_categories}")
+            raise ConfigError(f"n_categories must be in 1..{len(_CATEGORIES)}, got {self.n_categories}")
         if self.n_items < 10 * self.n_categories:
-            raise ValueError("n_items must be at least 10 per category")
+            raise ConfigError("n_items must be at least 10 per category")
         if not 3 <= self.min_len <= self.max_len:
-            raise ValueError("need 3 <= min_len <= max_len (leave-one-out takes two items)")
+            raise ConfigError("need 3 <= min_len <= max_len (leave-one-out takes two items)")
         for name in ("sequel_habits", "stay_habits"):
             values = tuple(float(v) for v in getattr(self, name))
             if not values or not all(0.0 <= v <= 1.0 for v in values):
-                raise ValueError(f"{name} must be one or more probabilities in [0, 1], got {values}")
+                raise ConfigError(f"{name} must be one or more probabilities in [0, 1], got {values}")
             setattr(self, name, values)
 
 

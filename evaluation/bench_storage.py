@@ -1,4 +1,5 @@
-"""``rcllm bench-storage``, placement half (the cluster half is ``bench_cluster``): how many storage nodes a request's candidates touch.
+"""``rcllm bench-storage``, placement half (the cluster half is ``bench_cluster``): how many storage
+nodes a request's candidates touch.
 
 For each dataset, shard count and placement (``similarity``, ``hash``) one row: nodes per
 request, remote KV bytes per request under affinity routing, and shard balance. Datasets are

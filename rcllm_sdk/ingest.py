@@ -6,7 +6,8 @@ What lands in ``<repo>/data/``:
 * ``user_history.parquet`` / ``items.parquet`` — the Feast sources, materialized online; the
   histories stop before each user's test item, so no test item reaches a prompt;
 * ``retriever.npz`` — transitions, popularity and item embeddings fitted on those histories;
-* ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method, retriever settings).
+* ``dataset.json`` — a manifest (source, counts, skipped rows, split sizes, embedding method,
+  retriever settings).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def ingest(
     skip_bad_rows: bool = False,
     synthetic: SyntheticConfig | None = None,
     embedding_dim: int = 32,
-    retriever_config: RetrieverConfig = RetrieverConfig(),
+    retriever_config: RetrieverConfig | None = None,
 ) -> IngestResult:
     """Ingest one source into the feature repo ``repo`` (created when missing).
 
@@ -67,6 +68,7 @@ def ingest(
     interactions = leave_one_out(dataset.interactions)
     interactions.write_parquet(data / "interactions.parquet")
     served = histories(interactions, exclude=(TEST,))
+    retriever_config = retriever_config or RetrieverConfig()
     retriever = fit_retriever(served, dataset.items, embedding_dim, retriever_config)
     retriever.save(data / "retriever.npz")
     items = dataset.items.with_columns(

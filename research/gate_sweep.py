@@ -668,7 +668,8 @@ def _fit_item_lm(sequences: list[list[int]], vocab: int, steps: int, window: int
 
 @torch.no_grad()
 def _next_item_logp(model, histories: list[list[int]], candidates: list[list[int]]) -> np.ndarray:
-    """``[len(histories), K]`` log-probabilities of each candidate as the next item (histories left-padded)."""
+    """``[len(histories), K]`` log-probabilities of each candidate as the next item
+    (histories left-padded)."""
     width = max(map(len, histories))
     ids = torch.zeros(len(histories), width, dtype=torch.long)
     for b, h in enumerate(histories):
@@ -1447,7 +1448,8 @@ def train_one(name: str, cfg: dict, data: dict, budget: float, log) -> dict:
         if step % 500 == 0:
             p_hint, _, shuffled = schedules(cfg, progress)
             log(
-                f"{name} step {step} progress {progress:.2f} K {seen['k']} p_hint {p_hint:.2f} shuffled {shuffled} "
+                f"{name} step {step} progress {progress:.2f} K {seen['k']} p_hint {p_hint:.2f} "
+                f"shuffled {shuffled} "
                 f"CE(no hint, K=20) {np.nanmean(plain[-10:]):.3f} CE(hint) {np.nanmean(hinted_ce[-10:]):.3f} "
                 f"binding/candidate CE {np.mean(aux[-10:], axis=0) if aux else '-'} "
                 f"lookup CE (K={lookup_k}) {np.mean(lookup[-10:]) if lookup else '-'}"
@@ -1539,7 +1541,8 @@ def sweep(args) -> None:
 
 def table(results: dict) -> str:
     rows = [
-        "| config | steps | test NDCG@10 | retriever | diff [95% CI] | relative | val diff | label CE (test hits) "
+        "| config | steps | test NDCG@10 | retriever | diff [95% CI] | relative | val diff "
+        "| label CE (test hits) "
         "| per-candidate NDCG@10 (diff) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

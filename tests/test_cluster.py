@@ -144,8 +144,8 @@ def test_bad_cluster_configurations_raise():
 def test_cluster_file_opens_through_open_store(tmp_path):
     shard_map(2).save(tmp_path / "map.json")
     (tmp_path / "cluster.json").write_text(
-        '{"nodes": ["memory://%s", "memory://%s"], "shard_map": "map.json", "local": "memory://", "replicas": 1}'
-        % (uuid.uuid4().hex, uuid.uuid4().hex)
+        f'{{"nodes": ["memory://{uuid.uuid4().hex}", "memory://{uuid.uuid4().hex}"], '
+        '"shard_map": "map.json", "local": "memory://", "replicas": 1}'
     )
     with open_store(f"cluster://{tmp_path}/cluster.json", "ns") as store:
         store.put(3, kv(2))

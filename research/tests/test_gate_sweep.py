@@ -11,15 +11,20 @@ N_ITEMS, LABEL0, NEWLINE, ITEM0 = 30, 10, 5, 100
 
 def _data(rng) -> dict:
     """A tiny export in the format ``gate_sweep export`` writes: token ids of every prompt piece."""
-    users = lambda n: [[ITEM0 + int(i), NEWLINE] for i in rng.integers(0, N_ITEMS, n)]  # noqa: E731
-    rows = lambda n: [
-        (
-            sum(users(3), []),
-            [int(c) for c in rng.permutation(N_ITEMS)[: gs.K]],  # noqa: E731
-            int(rng.integers(0, gs.K)),
-        )
-        for _ in range(n)
-    ]
+
+    def users(n):
+        return [[ITEM0 + int(i), NEWLINE] for i in rng.integers(0, N_ITEMS, n)]
+
+    def rows(n):
+        return [
+            (
+                sum(users(3), []),
+                [int(c) for c in rng.permutation(N_ITEMS)[: gs.K]],
+                int(rng.integers(0, gs.K)),
+            )
+            for _ in range(n)
+        ]
+
     return {
         "meta": {"vocab": ITEM0 + N_ITEMS, "pad": 0, "bos": 1, "eos": 2},
         "system": [3, 4, NEWLINE],

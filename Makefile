@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # with openssl; apt via sudo when not root.
 SUDO   := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	command -v redis-server >/dev/null && command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && \
@@ -23,8 +23,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rcllm demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) feature_repo/data mlflow.db mlruns

@@ -68,6 +68,17 @@ def test_the_product_never_imports_research():
     assert {m: names for m, names in offenders.items() if names} == {}
 
 
+def test_research_is_not_installed_with_the_package():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    installed = (
+        set(setuptools["packages"]) | set(setuptools["package-dir"]) | set(setuptools["package-dir"].values())
+    )
+    assert not {name for name in installed if name.split(".")[0] == "research"}
+    assert set(setuptools["package-dir"].values()) == set(PACKAGES)
+
+
 def test_module_level_imports_between_product_modules_have_no_cycle():
     modules = _product_modules()
     graph = {

@@ -23,9 +23,22 @@ from .types import CacheStats, Recommendation
 class RcRecommender:
     """Ranks a user's retrieved candidates with an LLM in one forward pass.
 
+    A request reads the user's history from Feast, takes the retriever's top ``candidates``
+    items, renders one block-structured prompt and reads the ranking from the label-token
+    logits. ``mode`` chooses how the prompt is computed: ``rcllm`` reuses each block's cached
+    KV and recomputes the policy's tokens, ``prefix`` reuses the longest cached token prefix,
+    ``full`` runs the plain Hugging Face forward. Build one with :meth:`from_feature_store`;
+    close it (or use ``with``) to release the KV store. Safe to call from several threads.
+
+    Attributes:
+        features: the Feast client the histories and item features come from.
+        retriever: proposes the candidates.
+        ranker: model, tokenizer, prompt template and fingerprint.
+        config: the resolved :class:`RecommenderConfig`.
+
     Example:
-        >>> rec = RcRecommender.from_feature_store("feature_repo/", model="feature_repo/data/ranker")
-        >>> rec.recommend(user_id=42, k=10).item_ids
+        >>> with RcRecommender.from_feature_store("feature_repo/") as rec:
+        ...     rec.recommend(user_id=42, k=10).item_ids
     """
 
     def __init__(
@@ -77,10 +90,32 @@ class RcRecommender:
         config_file: str | Path | None = None,
         **config,
     ) -> RcRecommender:
-        """Open an ingested feature repo and a ranker (local HF folder or MLflow URI).
+        """Open an ingested feature repo and a ranker.
 
-        ``model`` defaults to ``<repo>/data/ranker`` (where ``rcllm train`` saves). Keyword
-        arguments override :class:`RecommenderConfig` fields.
+        Settings resolve as defaults < ``config_file`` < ``RCLLM_*`` environment < ``config``.
+
+        Args:
+            repo_path: a feature repo filled by ``rcllm ingest``.
+            model: a local Hugging Face folder or an MLflow URI (``runs:/<run_id>/model``);
+                defaults to ``<repo>/data/ranker``, where ``rcllm train`` saves.
+            config_file: a YAML file of :class:`RecommenderConfig` fields.
+            **config: :class:`RecommenderConfig` fields (``mode``, ``policy``, ``store``,
+                ``candidates``, ...); ``None`` values are ignored.
+
+        Returns:
+            A recommender holding the model, the Feast client and an open KV store.
+
+        Raises:
+            FeatureRepoError: ``repo_path`` is not an ingested feature repo.
+            ModelLoadError: ``model`` is not a usable causal LM with rotary positions and a
+                tokenizer (or an item-lm ranker asked for in a dtype other than float32).
+            ConfigError: an unknown key, a value of the wrong type or an invalid value (mode,
+                policy, store URL, ...) in ``config``, ``config_file`` or the environment.
+            NotEnoughCandidatesError: the ranker's template has fewer labels than ``candidates``.
+
+        Example:
+            >>> rec = RcRecommender.from_feature_store("feature_repo/", mode="rcllm",
+            ...                                        store="fs:///tmp/rcllm-kv")
         """
         repo = Path(repo_path)
         retriever_file = repo / "data" / "retriever.npz"
@@ -98,11 +133,53 @@ class RcRecommender:
         )
 
     def recommend(self, user_id: int, k: int = 10) -> Recommendation:
-        """Top-``k`` items for ``user_id``; see :class:`Recommendation`."""
+        """Top-``k`` items for one user.
+
+        Args:
+            user_id: a user of the feature store.
+            k: items to return, 1 to ``config.candidates``.
+
+        Returns:
+            A :class:`Recommendation`, best item first, with timings and cache figures.
+
+        Raises:
+            NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
+                fewer unseen items than ``candidates``.
+            UnknownUserError: the user is not in the feature store (``cold_start="raise"``).
+            EmptyHistoryError: the user has no interactions (``cold_start="raise"``).
+            FeatureRepoError: the feature store could not be read.
+
+        Example:
+            >>> r = rec.recommend(user_id=1, k=5)
+            >>> r.item_ids, r.ttft_ms, r.cache.hits
+        """
         return self.recommend_batch([user_id], k)[0]
 
     def recommend_batch(self, user_ids: list[int], k: int = 10) -> list[Recommendation]:
-        """Recommendations for many users; prompts share forwards of ``config.batch_size``."""
+        """Top-``k`` items for each of several users.
+
+        Prompts are rendered together (one Feast read for all their items) and scored
+        ``config.batch_size`` at a time in one forward each. With ``cold_start="popular"``,
+        unknown users and users without history get the most popular items
+        (``source="popularity"``).
+
+        Args:
+            user_ids: users of the feature store.
+            k: items per user, 1 to ``config.candidates``.
+
+        Returns:
+            One :class:`Recommendation` per user, in the order of ``user_ids``.
+
+        Raises:
+            NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
+                fewer unseen items than ``candidates`` for a user.
+            UnknownUserError: a user is not in the feature store (``cold_start="raise"``).
+            EmptyHistoryError: a user has no interactions (``cold_start="raise"``).
+            FeatureRepoError: the feature store could not be read.
+
+        Example:
+            >>> [r.item_ids[0] for r in rec.recommend_batch([1, 2, 3], k=5)]
+        """
         started = time.perf_counter()
         self._check_k(k)
         histories = self.features.histories(list(user_ids))

@@ -29,6 +29,11 @@ class NotEnoughCandidatesError(RcLLMError):
     """More items were asked for than the retriever could supply."""
 
 
+class InvalidRequestError(RcLLMError, ValueError):
+    """A request argument has the wrong type or is out of range (a bool, float or string user id,
+    a non-integer ``k``); nothing was served."""
+
+
 class ConfigError(RcLLMError):
     """A configuration value is invalid."""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import validation
 from .config import RecommenderConfig
 from .errors import EmptyHistoryError, FeatureRepoError, NotEnoughCandidatesError, UnknownUserError
 from .features import FeatureClient
@@ -143,6 +144,8 @@ class RcRecommender:
             A :class:`Recommendation`, best item first, with timings and cache figures.
 
         Raises:
+            InvalidRequestError: ``user_id`` is not an integer (bool, float, str) or is out of
+                the 64-bit range, or ``k`` is not an integer.
             NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
                 fewer unseen items than ``candidates``.
             UnknownUserError: the user is not in the feature store (``cold_start="raise"``).
@@ -171,6 +174,8 @@ class RcRecommender:
             One :class:`Recommendation` per user, in the order of ``user_ids``.
 
         Raises:
+            InvalidRequestError: ``user_ids`` is not a list of integers (a string, a bool, a
+                float, an id out of the 64-bit range), or ``k`` is not an integer.
             NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
                 fewer unseen items than ``candidates`` for a user.
             UnknownUserError: a user is not in the feature store (``cold_start="raise"``).
@@ -181,8 +186,9 @@ class RcRecommender:
             >>> [r.item_ids[0] for r in rec.recommend_batch([1, 2, 3], k=5)]
         """
         started = time.perf_counter()
-        self._check_k(k)
-        histories = self.features.histories(list(user_ids))
+        user_ids = validation.user_ids(user_ids)
+        k = self._check_k(k)
+        histories = self.features.histories(user_ids)
         results: dict[int, Recommendation] = {}
         pending = []
         for slot, (user, found) in enumerate(zip(user_ids, histories, strict=False)):
@@ -196,12 +202,14 @@ class RcRecommender:
                 results[slot] = rec
         return [results[i] for i in range(len(user_ids))]
 
-    def _check_k(self, k: int) -> None:
+    def _check_k(self, k: int) -> int:
+        k = validation.count(k, "k")
         if not 1 <= k <= self.config.candidates:
             raise NotEnoughCandidatesError(
                 f"k={k} but the ranker sees {self.config.candidates} candidates; "
                 f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`"
             )
+        return k
 
     def _history_or_cold_start(self, user: int, found) -> list[int] | None:
         if found is None:

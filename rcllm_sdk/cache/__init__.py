@@ -27,6 +27,9 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError
 from .base import BlockStore, StoreStats, redact_url
 
+# LMCache splits its remote URLs and fs base paths on commas (several hosts or directories) and
+# strips the pieces: a comma or whitespace would silently point it somewhere else.
+_PATH_SEPARATORS = (",", " ", "\t", "\n")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # goes into LMCache's key string (no '@', '/', '%')
 
 
@@ -48,7 +51,7 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
     """
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise ConfigError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}")
-    parts = urlsplit(url)
+    url, parts = _normalised(url)
     if parts.scheme == "memory":
         _reject(options, set(), url)
         from .memory import MemoryStore
@@ -90,6 +93,11 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
             "install the package's dependencies (make install) or use memory://"
         ) from e
     _reject(options, {f.name for f in fields(LMCacheOptions)}, url)
+    if parts.scheme != "fs" and any(c in url for c in _PATH_SEPARATORS):
+        raise ConfigError(
+            f"{redact_url(url)!r} holds a comma or whitespace, which LMCache reads as a list of "
+            "servers; a password with such characters must be changed"
+        )
     opts = LMCacheOptions(**options)
     remote = None
     if parts.scheme == "local" and (parts.netloc or parts.path):
@@ -97,6 +105,11 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
     if parts.scheme == "fs":
         if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
             raise ConfigError(f"fs store URL must be fs:///absolute/dir, got {url!r}")
+        if any(c in parts.path for c in _PATH_SEPARATORS) or parts.query or parts.fragment:
+            raise ConfigError(
+                f"fs store directory {parts.path!r} holds a character LMCache reads as a separator "
+                f"({' '.join(repr(c) for c in _PATH_SEPARATORS)}, '?', '#'); choose a directory without them"
+            )
         remote = _compat().lmcache_url(url, opts.timeout_s)
     elif parts.scheme in ("lm", "redis", "rediss"):
         if not parts.hostname or _port(parts) is None:
@@ -105,6 +118,16 @@ def _open_lmcache(url, parts, namespace: str, options: dict) -> BlockStore:
             )
         remote = _compat().lmcache_url(url, opts.timeout_s)
     return LMCacheStore(url, namespace, remote, opts)
+
+
+def _normalised(url: str):
+    """The URL with its scheme in lower case (``REDIS://`` is ``redis://``), and its parts."""
+    if not isinstance(url, str):
+        raise ConfigError(f"a KV store URL must be a string, got {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme:
+        url = parts.scheme + url[len(parts.scheme) :]
+    return url, parts
 
 
 def _port(parts) -> int | None:

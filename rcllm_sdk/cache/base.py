@@ -177,17 +177,20 @@ class BlockStore(ABC):
                 self.url,
                 self.namespace,
                 kind,
-                detail,
+                redact_url(detail),  # exception texts may quote the URL, password included
                 kind,
             )
 
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@")
+# A scheme in any case, then everything up to the last "@" before whitespace or a quote: a
+# password may itself hold "/", "@" or ":" (redis-py accepts them unescaped).
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
 
 
 def redact_url(text: str) -> str:
-    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``."""
-    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+    """``text`` (a URL, a message, an exception's text) with the ``user:password@`` part of every
+    URL in it replaced by ``***@``. The one redaction the SDK applies to what it prints or logs."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", str(text))
 
 
 def check_key(key: int) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ..cache.base import redact_url
 from ..errors import FeatureRepoError
 from .definitions import ITEM_FEATURES, ITEM_VIEW, USER_FEATURES, USER_VIEW, feature_definitions
 
@@ -26,9 +27,12 @@ def online_store_yaml(online_store: str) -> str:
     """``sqlite`` (embedded default) or ``redis://host:port[/db]`` as feature_store.yaml lines."""
     if online_store == "sqlite":
         return "  type: sqlite\n  path: data/online_store.db"
-    if online_store.startswith("redis://"):
-        return f'  type: redis\n  connection_string: "{online_store.removeprefix("redis://")}"'
-    raise FeatureRepoError(f"online store {online_store!r} is not supported; use sqlite or redis://host:port")
+    scheme, sep, rest = online_store.partition("://")
+    if sep and scheme.lower() == "redis":
+        return f'  type: redis\n  connection_string: "{rest}"'
+    raise FeatureRepoError(
+        f"online store {redact_url(online_store)!r} is not supported; use sqlite or redis://host:port"
+    )
 
 
 def init_repo(repo: str | Path, online_store: str = "sqlite") -> Path:

@@ -52,7 +52,7 @@ class LMCacheStore(BlockStore):
     def __init__(self, url: str, namespace: str, remote_url: str | None, options: LMCacheOptions):
         super().__init__(url, namespace)
         self.options = options
-        self._tag = codec.namespace_tag(namespace)
+        self._tag, self._mac_key = codec.namespace_tag(namespace), codec.mac_key_from_env()
         self._mgr = compat.Manager(options.max_local_cpu_gb)
         self._remote = compat.Remote(self._mgr, remote_url, options.timeout_s) if remote_url else None
         self.can_delete = self._remote is None or self._remote.can_delete
@@ -157,15 +157,15 @@ class LMCacheStore(BlockStore):
         """LMCache keys and tier buffers holding the encoded blobs (what did not fit is counted)."""
         keys, objs = [], []
         for key, kv in items:
-            obj = self._mgr.allocate(codec.blob_size(kv))
+            obj = self._mgr.allocate(codec.blob_size(kv, self._mac_key))
             if obj is None:
                 self._fault(
                     "local CPU tier full",
-                    f"a {codec.blob_size(kv)}-byte block does not fit "
+                    f"a {codec.blob_size(kv, self._mac_key)}-byte block does not fit "
                     f"max_local_cpu_gb={self.options.max_local_cpu_gb}",
                 )
                 continue
-            codec.encode_into(compat.blob(obj), key, self._tag, kv)
+            codec.encode_into(compat.blob(obj), key, self._tag, kv, self._mac_key)
             keys.append(self._key(key))
             objs.append(obj)
         return keys, objs
@@ -177,9 +177,9 @@ class LMCacheStore(BlockStore):
             return _MISS if obj is None else _FAILED
         try:
             # the CPU tier holds only blobs encoded here or verified when fetched: no crc pass
-            kv = codec.decode(compat.blob(obj), key, self._tag, check_crc=fetched)
+            kv = codec.decode(compat.blob(obj), key, self._tag, check_crc=fetched, mac_key=self._mac_key)
             if kv is None:
-                self._fault("corrupt value", f"key {key:#x} failed its header/crc check")
+                self._fault("corrupt value", f"key {key:#x} failed its header/crc/seal check")
                 if not fetched:
                     self._mgr.tier_remove(ckey)
                 return _FAILED

@@ -25,7 +25,7 @@ class MemoryStore(BlockStore):
 
     def __init__(self, url: str, namespace: str, space: str = ""):
         super().__init__(url, namespace)
-        self._tag = codec.namespace_tag(namespace)
+        self._tag, self._mac_key = codec.namespace_tag(namespace), codec.mac_key_from_env()
         self._lock = threading.Lock()
         self._hit_source = REMOTE if space else LOCAL
         self.down = False
@@ -37,7 +37,7 @@ class MemoryStore(BlockStore):
 
     def put(self, key: int, kv: torch.Tensor) -> None:
         codec.check_tensor(kv)
-        blob = codec.encode(check_key(key), self._tag, kv)
+        blob = codec.encode(check_key(key), self._tag, kv, self._mac_key)
         if self._is_down():
             return
         with self._lock:
@@ -58,7 +58,7 @@ class MemoryStore(BlockStore):
         if blob is None:
             self._count(misses=1)
             return Read(None, MISS)
-        kv = codec.decode(blob, key, self._tag)
+        kv = codec.decode(blob, key, self._tag, mac_key=self._mac_key)
         if kv is None:
             self._fault("corrupt value", f"key {key:#x} failed its header/crc check")
             return Read(None, FAULT)

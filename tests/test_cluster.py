@@ -110,6 +110,7 @@ def test_a_corrupt_block_on_a_node_is_rejected_and_its_replica_served():
     read = reader.batched_read([21], placement=[item])[0]
     assert same(read.value, kv(6)) and read.node == reader.node_urls[(owner + 1) % 4]
     assert reader.nodes[owner].stats.errors == 1
+    assert reader.stats.errors == 1  # the cluster's own count includes its nodes' faults
 
 
 def test_writes_some_node_refused_are_reported_and_not_stored_everywhere():

@@ -43,7 +43,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import torch
 
 from ..errors import ConfigError, InvariantError
-from .base import FAULT, LOCAL, MISS, BlockStore, Read, check_key
+from .base import FAULT, LOCAL, MISS, BlockStore, Read, StoreStats, check_key
 from .placement import ShardMap, hash_shard
 
 log = logging.getLogger("rcllm_sdk.cache")
@@ -307,6 +307,14 @@ class ClusterStore(BlockStore):
         check_key(key)
         gone = [node.delete(key) for node in self.nodes]
         return self.local.delete(key) | any(gone)
+
+    @property
+    def stats(self) -> StoreStats:
+        """The cluster's own counters, with ``errors`` summed over its local tier and every node
+        (a node that fails is a fault of the cluster, even when a replica answered)."""
+        own = super().stats
+        own.errors += sum(store.stats.errors for store in [self.local, *self.nodes])
+        return own
 
     def node_stats(self) -> dict[str, object]:
         """Each node's own counters (``StoreStats``), by node URL (credentials removed)."""

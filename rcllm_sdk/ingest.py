@@ -23,7 +23,7 @@ from .data.embeddings import item_embeddings
 from .data.sources import Dataset, load
 from .data.split import TEST, VAL, histories, leave_one_out
 from .data.synthetic import SyntheticConfig
-from .features import FeatureClient, init_repo
+from .features import FeatureClient, check_online_store, init_repo
 from .retrieval import Retriever, RetrieverConfig
 
 EMBEDDING_METHOD = "PPMI of item co-occurrence within 3 positions, truncated SVD, L2-normalised"
@@ -59,21 +59,30 @@ def ingest(
 ) -> IngestResult:
     """Ingest one source into the feature repo ``repo`` (created when missing).
 
+    Everything is read, checked and computed first (the source's files, the split, the
+    retriever, the online store's reachability); only then is anything in ``repo`` written, so a
+    bad file or an unreachable store leaves the previous repo as it was.
+
+    Raises:
+        DataFormatError: a source file is missing, empty or malformed, or holds no rows.
+        FeatureRepoError: the online store is not supported or cannot be reached.
+
     Example:
         >>> ingest("synthetic", None, "feature_repo/")
     """
     dataset = load(source, path, skip_bad_rows=skip_bad_rows, synthetic=synthetic)
-    repo = init_repo(repo, online_store)
-    data = repo / "data"
     interactions = leave_one_out(dataset.interactions)
-    interactions.write_parquet(data / "interactions.parquet")
     served = histories(interactions, exclude=(TEST,))
     retriever_config = retriever_config or RetrieverConfig()
     retriever = fit_retriever(served, dataset.items, embedding_dim, retriever_config)
-    retriever.save(data / "retriever.npz")
     items = dataset.items.with_columns(
         pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32))
     )
+    check_online_store(online_store)
+    repo = init_repo(repo, online_store)
+    data = repo / "data"
+    interactions.write_parquet(data / "interactions.parquet")
+    retriever.save(data / "retriever.npz")
     FeatureClient(repo).apply_and_materialize(served, items)
     result = IngestResult(
         repo,

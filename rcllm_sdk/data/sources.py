@@ -110,16 +110,24 @@ def _load_csv(folder: Path, skip: bool) -> Dataset:
     if inter_file is None or not item_file.exists():
         raise DataFormatError(f"{folder} must hold interactions.csv (or .csv.gz) and items.csv")
     skipped: dict[str, int] = {}
-    raw = pl.read_csv(inter_file, infer_schema=False)
+    raw = _read_csv(inter_file)
     _require_columns(raw, INTERACTION_SCHEMA, inter_file)
     interactions = _typed(
         raw.select(list(INTERACTION_SCHEMA)), INTERACTION_SCHEMA, inter_file, 2, skip, skipped
     )
-    raw_items = pl.read_csv(item_file, infer_schema=False)
+    raw_items = _read_csv(item_file)
     _require_columns(raw_items, {k: None for k in ("item_id", "title", "category")}, item_file)
     wanted = [c for c in ITEM_SCHEMA if c in raw_items.columns]
     items = _typed(raw_items.select(wanted), {c: ITEM_SCHEMA[c] for c in wanted}, item_file, 2, skip, skipped)
     return _finish(folder.name, interactions, items, skipped)
+
+
+def _read_csv(file: Path) -> pl.DataFrame:
+    """Every column as text; an empty file is a DataFormatError, not polars' NoDataError."""
+    try:
+        return pl.read_csv(file, infer_schema=False)
+    except pl.exceptions.NoDataError as exc:
+        raise DataFormatError(f"{file} is empty; it needs a header line and at least one row") from exc
 
 
 def _require_columns(frame: pl.DataFrame, schema: dict, file: Path) -> None:
@@ -160,6 +168,11 @@ def _dtype_name(dtype) -> str:
 
 
 def _finish(name: str, interactions: pl.DataFrame, items: pl.DataFrame, skipped: dict[str, int]) -> Dataset:
+    for table, frame in (("interactions", interactions), ("items", items)):
+        if frame.height == 0:
+            raise DataFormatError(
+                f"{name}: no {table} rows (after {sum(skipped.values())} skipped); nothing to ingest"
+            )
     if "text" not in items.columns:
         items = items.with_columns(pl.lit("").alias("text"))
     items = items.with_columns(pl.col("category").fill_null(""), pl.col("text").fill_null(""))

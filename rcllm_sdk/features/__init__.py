@@ -1,5 +1,5 @@
 """Feast feature repo: definitions and the SDK's client."""
 
-from .store import FeatureClient, init_repo
+from .store import FeatureClient, check_online_store, init_repo
 
-__all__ = ["FeatureClient", "init_repo"]
+__all__ = ["FeatureClient", "check_online_store", "init_repo"]

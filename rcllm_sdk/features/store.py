@@ -35,6 +35,23 @@ def online_store_yaml(online_store: str) -> str:
     )
 
 
+def check_online_store(online_store: str, timeout_s: float = 2.0) -> None:
+    """Raise FeatureRepoError unless the online store is supported and, for Redis, answers a ping."""
+    online_store_yaml(online_store)  # refuses what is not supported
+    if online_store == "sqlite":
+        return
+    import redis
+
+    url = "redis://" + online_store.partition("://")[2]
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise FeatureRepoError(
+            f"online store {redact_url(online_store)} did not answer ({redact_url(exc)}); start it or "
+            "check the URL — nothing in the repo was changed"
+        ) from exc
+
+
 def init_repo(repo: str | Path, online_store: str = "sqlite") -> Path:
     """Make ``repo`` a Feast repo (feature_store.yaml, data/, .feastignore); keeps an existing yaml."""
     repo = Path(repo)

@@ -40,6 +40,8 @@ def trained_repo(ingested_repo):
     from rcllm_sdk.pipelines.train import TrainConfig
 
     result = train_from_repo(
-        ingested_repo, config=TrainConfig(size="micro", steps=8, batch_size=4, vocab_size=600), progress=False
+        ingested_repo,
+        config=TrainConfig(recipe="verbalizer", size="micro", steps=8, batch_size=4, vocab_size=600),
+        progress=False,
     )
     return ingested_repo, result

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from rcllm_sdk.config import RecommenderConfig
 from rcllm_sdk.data.split import TEST
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.ingest import ingest, read_manifest
 from rcllm_sdk.recommender import RcRecommender
 from rcllm_sdk.retrieval import RetrieverConfig
@@ -25,102 +27,161 @@ from rcllm_sdk.runtime.policies import DEFAULT_POLICY, parse_policy
 
 from .metrics import METRICS, paired_difference, rank_of, summarize
 from .report import markdown_table
+from .timing import time_modes
 
 OTHER_POLICIES = ("none", "block_head:4", "block_head:8", "deviation:0.15:1")
 
 
-def evaluate(
-    source: str,
-    path: str | None,
-    out: str | Path | None = None,
-    *,
-    model: str | None = None,
-    repo: str | Path | None = None,
-    train_config=None,
-    synthetic=None,
-    max_users: int | None = None,
-    timing_samples: int = 200,
-    candidates: int = 20,
-    progress: bool = True,
-    log_mlflow: bool = True,
-    ingest_first: bool = True,
-    policy: str = DEFAULT_POLICY,
-    other_policies: tuple[str, ...] = OTHER_POLICIES,
-    store: str = "local://",
-    retriever_config=None,
-) -> dict:
-    """Ingest ``source`` (unless ``ingest_first`` is False and ``repo`` is already ingested),
-    train a ranker when ``model`` is None, evaluate every mode, write ``out`` JSON.
+@dataclass(slots=True)
+class EvaluateConfig:
+    """What ``rcllm evaluate`` evaluates and how.
+
+    Attributes:
+        source: ``synthetic``, ``movielens`` or ``csv``; None evaluates ``repo`` as ingested.
+        path: the source's folder (movielens, csv).
+        out: report JSON path (None: not written).
+        model: evaluate this model (HF folder or MLflow URI) instead of training one.
+        repo: feature repo; ingested into when ``source`` is given (None: a temporary folder).
+        train: training settings when a ranker is trained (None: ``TrainConfig.resolve()``).
+        synthetic: ``SyntheticConfig`` of the synthetic source.
+        retriever: the blend ingestion fits (None: ``RetrieverConfig()``).
+        max_users: evaluate the first this many test users (None: all).
+        timing_samples: users timed per mode (warm requests, ``evaluation.timing``).
+        candidates: retriever candidates ranked per user.
+        policy: the ``rcllm`` selection policy; ``other_policies`` are evaluated beside it.
+        store: KV store URL of the cached modes.
+        progress, log_mlflow: progress bars; an MLflow run with the per-user table.
+    """
+
+    source: str | None = "synthetic"
+    path: str | None = None
+    out: str | Path | None = None
+    model: str | None = None
+    repo: str | Path | None = None
+    train: object = None
+    synthetic: object = None
+    retriever: object = None
+    max_users: int | None = None
+    timing_samples: int = 200
+    candidates: int = 20
+    policy: str = DEFAULT_POLICY
+    other_policies: tuple[str, ...] = OTHER_POLICIES
+    store: str = "local://"
+    progress: bool = True
+    log_mlflow: bool = True
+
+    def __post_init__(self):
+        if self.source is None and self.repo is None:
+            raise ConfigError("evaluate needs a source to ingest or an ingested repo")
+        if self.timing_samples < 2 or self.candidates < 2:
+            raise ConfigError("timing_samples and candidates must be >= 2")
+        parse_policy(self.policy)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Ingest ``config.source`` into ``config.repo`` (when a source is given), train a ranker when
+    ``config.model`` is None, evaluate every mode on the test users, write ``config.out``.
 
     Entries under ``results``: ``retriever``; ``full`` (the plain HF forward); ``prefix``;
     ``rcllm`` (``policy``); ``rcllm:<p>`` for each of ``other_policies``; and the control
     ``control:wrong_history`` (``rcllm`` with another user's history block), which must
-    disagree with ``full`` visibly for the agreement figures to mean anything. ``retriever_config``
-    is the blend ingestion fits (default ``RetrieverConfig()``).
+    disagree with ``full`` visibly for the agreement figures to mean anything. Timings are warm
+    requests on prompts new to each mode's engine (``evaluation.timing``).
 
     Example:
-        >>> evaluate("movielens", "../shared/data/ml-100k", "ml100k.json")
+        >>> evaluate(EvaluateConfig("movielens", "../shared/data/ml-100k", "ml100k.json"))
     """
-    repo = Path(repo) if repo else Path(tempfile.mkdtemp(prefix=f"rcllm-eval-{source}-"))
-    if ingest_first:
+    repo = Path(config.repo) if config.repo else Path(tempfile.mkdtemp(prefix="rcllm-eval-"))
+    if config.source is not None:
         ingest(
-            source, path, repo, synthetic=synthetic, retriever_config=retriever_config or RetrieverConfig()
+            config.source,
+            config.path,
+            repo,
+            synthetic=config.synthetic,
+            retriever_config=config.retriever or RetrieverConfig(),
         )
-    training = None
+    model, training = config.model, None
     if model is None:
-        model, training = _train(repo, train_config, progress)
-    rec = RcRecommender.from_feature_store(repo, model=model, candidates=candidates, mode="full")
-    truth = _test_truth(repo, max_users)
+        model, training = _train(repo, config.train, config.progress)
+    rec = RcRecommender.from_feature_store(repo, model=model, candidates=config.candidates, mode="full")
+    truth = _test_truth(repo, config.max_users)
     users = sorted(truth)
-    full = _ranks(rec, users, truth, candidates, progress)
-    manifest = read_manifest(repo)
+    full = _ranks(rec, users, truth, config.candidates, config.progress)
     results = {
         "retriever": _accuracy(full.retriever, full.retriever),
-        "full": {**_accuracy(full.ranks, full.retriever), **_timing(rec, users[:timing_samples])},
+        "full": _accuracy(full.ranks, full.retriever),
     }
     results["full"]["ndcg@10_diff_vs_retriever"] = paired_difference(full.ranks, full.retriever)
     per_user = {"full": full.ranks, "retriever": full.retriever}
-    for name, variant in _variants(rec, policy, other_policies, store):
+    for name, variant in _variants(rec, config.policy, config.other_policies, config.store):
         with variant:
-            ranked = _ranks(variant, users, truth, candidates, progress, desc=name)
-            results[name] = {**_agreement(ranked, full), **_timing(variant, users[:timing_samples])}
+            ranked = _ranks(variant, users, truth, config.candidates, config.progress, desc=name)
+        results[name] = _agreement(ranked, full)
         per_user[name] = ranked.ranks
-    report = {
-        "dataset": manifest["dataset"],
-        "users": len(users),
-        "results": results,
-        "config": {
-            "candidates": candidates,
-            "model": str(model),
-            "policy": parse_policy(policy).spec,
-            "store": store,
-            "training": training,
-            "retriever": manifest["retriever"],
-        },
-    }
-    if out:
-        Path(out).write_text(json.dumps(report, indent=2))
-    if log_mlflow:
-        _log(report, users, truth, per_user, out)
+    _add_timing(results, rec, users, config)
+    report = _report(repo, users, results, model, training, config)
+    if config.out:
+        Path(config.out).write_text(json.dumps(report, indent=2))
+    if config.log_mlflow:
+        _log(report, users, truth, per_user, config.out)
     print(markdown_table(report))
     return report
 
 
+def _add_timing(results: dict, rec: RcRecommender, users: list[int], config: EvaluateConfig) -> None:
+    """Warm TTFT of every mode on the first ``timing_samples`` test users, each mode on a fresh engine."""
+    timed = users[: config.timing_samples + 1]
+    modes = {"full": rec.with_config(mode="full")}
+    modes.update(_variants(rec, config.policy, config.other_policies, config.store))
+    try:
+        figures = time_modes(modes, timed[1:], warmup_user=timed[0])
+    finally:
+        for variant in modes.values():
+            variant.close()
+    for name, values in figures.items():
+        results[name].update(values)
+
+
+def _report(repo: Path, users, results: dict, model, training, config: EvaluateConfig) -> dict:
+    manifest = read_manifest(repo)
+    return {
+        "dataset": manifest["dataset"],
+        "users": len(users),
+        "results": results,
+        "config": {
+            "candidates": config.candidates,
+            "model": str(model),
+            "policy": parse_policy(config.policy).spec,
+            "store": config.store,
+            "training": training,
+            "retriever": manifest["retriever"],
+            "timing": {
+                "samples": config.timing_samples,
+                "method": "warm requests, each prompt new to its mode's engine: rcllm's store holds what "
+                "refresh precomputes (system, item and the users' history blocks), prefix's the system "
+                "and history token prefix; one request per user and mode, modes in rotating order",
+                "rcllm_guard": "off (pure reuse)" if _pure_reuse(RecommenderConfig()) else "none",
+            },
+        },
+    }
+
+
 def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
-    """``(name, recommender)`` of every cached mode evaluated against ``full``."""
-    yield "prefix", rec.with_config(mode="prefix", store=store)
-    yield "rcllm", rec.with_config(mode="rcllm", policy=policy, store=store)
+    """``(name, recommender)`` of every cached mode evaluated against ``full``, each measured pure
+    (an engine's fallback to full prefill for short prompts, where it has one, is switched off)."""
+    pure = _pure_reuse(rec.config)
+    yield "prefix", rec.with_config(mode="prefix", store=store, **pure)
+    yield "rcllm", rec.with_config(mode="rcllm", policy=policy, store=store, **pure)
     for spec in other_policies:
-        yield f"rcllm:{parse_policy(spec).spec}", rec.with_config(mode="rcllm", policy=spec, store=store)
-    yield (
-        "control:wrong_history",
-        WrongHistoryRecommender(
-            rec.features,
-            rec.retriever,
-            rec.ranker,
-            replace(rec.config, mode="rcllm", policy=policy, store=store),
-        ),
-    )
+        name = f"rcllm:{parse_policy(spec).spec}"
+        yield name, rec.with_config(mode="rcllm", policy=spec, store=store, **pure)
+    control = replace(rec.config, mode="rcllm", policy=policy, store=store, **pure)
+    yield "control:wrong_history", WrongHistoryRecommender(rec.features, rec.retriever, rec.ranker, control)
+
+
+def _pure_reuse(config) -> dict:
+    """``{"guard": False}`` where the serving config has a short-prompt guard, else nothing."""
+    return {"guard": False} if "guard" in {f.name for f in fields(config)} else {}
 
 
 class WrongHistoryRecommender(RcRecommender):
@@ -203,25 +264,6 @@ def _accuracy(ranks: np.ndarray, retriever_ranks: np.ndarray) -> dict:
     found = retriever_ranks >= 0
     out = summarize(ranks)
     out["in_candidates"] = {**summarize(ranks[found]), "users": int(found.sum())}
-    return out
-
-
-def _timing(rec: RcRecommender, users: list[int]) -> dict:
-    """Per-request latency from single ``recommend`` calls (one warm-up call first)."""
-    rec.recommend(users[0])
-    ttft, e2e = [], []
-    for user in users:
-        result = rec.recommend(user)
-        ttft.append(result.ttft_ms)
-        e2e.append(result.e2e_ms)
-    out = {"timing_samples": len(users)}
-    for name, values in (("ttft_ms", ttft), ("e2e_ms", e2e)):
-        out[f"{name}_p50"], out[f"{name}_p95"] = (
-            float(np.percentile(values, 50)),
-            float(np.percentile(values, 95)),
-        )
-        if len(values) >= 100:
-            out[f"{name}_p99"] = float(np.percentile(values, 99))
     return out
 
 

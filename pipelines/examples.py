@@ -31,8 +31,8 @@ def build_examples(
     :func:`pipelines.run.train_from_repo` passes retrievers fitted on the *other* users, so a
     training example's own transition never inflates its candidates (a retriever fitted on
     everyone put the truth in the top 20 for 59% of training positions but 48% of test users on
-    the synthetic world and retriever of 2026-11-27; cross-fitted: 50%). Positions whose truth was missed are left out and
-    counted: they teach nothing about ranking the candidates the server will show.
+    the synthetic world and retriever of 2026-11-27; cross-fitted: 50%). Positions whose truth was
+    missed are left out and counted: they teach nothing about ranking the candidates the server shows.
     """
     rng = np.random.default_rng(seed)
     pairs = [

@@ -1,4 +1,5 @@
-"""The ``rcllm`` command line: ingest, train, recommend, refresh, place, evaluate, bench, bench-storage, demo."""
+"""The ``rcllm`` command line: ingest, train, recommend, refresh, place, evaluate, bench,
+bench-storage, demo."""
 
 from __future__ import annotations
 
@@ -45,20 +46,20 @@ def _retriever(text: str | None):
             raise argparse.ArgumentTypeError(f"unknown retriever setting {name!r}; known: {', '.join(types)}")
         try:
             values[name] = types[name](value)
-        except ValueError:
+        except ValueError as exc:
             raise argparse.ArgumentTypeError(
                 f"retriever setting {name}: expected a {types[name].__name__}, got {value!r}"
-            )
+            ) from exc
     return replace(config, **values)
 
 
 def _probabilities(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
-    except ValueError:
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated probabilities such as 0.0,0.3, got {text!r}"
-        )
+        ) from exc
 
 
 def cmd_ingest(args) -> None:
@@ -82,8 +83,9 @@ def cmd_train(args) -> None:
     result = train_from_repo(args.repo, args.out, _train_config(args))
     s = result["summary"]
     print(
-        f"trained {s['parameters']:,}-parameter ranker on {s['examples']:,} examples in {s['train_seconds']:.0f} s "
-        f"(loss {s['final_loss']:.3f}); saved to {result['model_dir']}; MLflow model {result['model_uri']}"
+        f"trained {s['parameters']:,}-parameter {s['recipe']} ranker ({s['choice']}) on "
+        f"{s['examples']:,} examples in {s['train_seconds']:.0f} s (loss {s['final_loss']:.3f}); "
+        f"saved to {result['model_dir']}; MLflow model {result['model_uri']}"
     )
 
 
@@ -114,20 +116,33 @@ def cmd_recommend(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluation.evaluate import evaluate
 
-    evaluate(
-        args.source,
-        args.path,
-        args.out,
+    evaluate(_evaluate_config(args))
+
+
+def _evaluate_config(args, **overrides):
+    """``--repo`` without ``--source`` evaluates the repo as ingested; ``--source`` ingests first
+    (into ``--repo``, or a temporary folder); neither ingests the synthetic default."""
+    from .evaluation.evaluate import EvaluateConfig
+
+    source = args.source
+    if source is None and args.repo is None:
+        source = "synthetic"
+    values = dict(
+        source=source,
+        path=args.path,
+        out=args.out,
         model=args.model,
         repo=args.repo,
-        train_config=_train_config(args),
+        train=_train_config(args) if args.model is None else None,
         synthetic=_synthetic(args),
+        retriever=args.retriever,
         max_users=args.max_users,
+        timing_samples=args.timing_samples,
         candidates=args.candidates,
         policy=args.policy or DEFAULT_POLICY,
         store=args.store or "local://",
-        retriever_config=args.retriever,
     )
+    return EvaluateConfig(**{**values, **overrides})
 
 
 def cmd_refresh(args) -> None:
@@ -159,7 +174,8 @@ def cmd_bench_storage(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Small end-to-end run on synthetic data: ingest, train, recommend, evaluate."""
+    """Small end-to-end run on synthetic data: ingest, train, recommend, evaluate (accuracy and
+    warm TTFT of full, prefix and rcllm on the same users), then the summary lines."""
     started = time.perf_counter()
     args.source, args.path = "synthetic", None
     print(f"== ingest synthetic data ({args.users} users, {args.items} items) into {args.repo}/")
@@ -171,25 +187,24 @@ def cmd_demo(args) -> None:
     args.model, args.user, args.k = None, [1, 2, 3], 5
     args.mode = args.policy = args.store = None
     cmd_recommend(args)
-    print("== evaluate (leave-one-out on the test split)")
+    print("== evaluate (leave-one-out on the test split; warm TTFT on prompts new to each engine)")
     from .evaluation.evaluate import evaluate
+    from .evaluation.report import demo_summary
 
+    args.source, args.max_users = None, None
     out = args.eval_out or f"{args.repo}/data/demo_evaluation.json"
-    evaluate(
-        "synthetic",
-        None,
-        out,
-        model=f"{args.repo}/data/ranker",
-        repo=args.repo,
-        synthetic=_synthetic(args),
-        candidates=20,
-        ingest_first=False,
+    report = evaluate(_evaluate_config(args, out=out, model=f"{args.repo}/data/ranker"))
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; report {out}")
+    print(demo_summary(report))
+
+
+def _data_args(p, users: int, items: int, source: str | None = "synthetic") -> None:
+    p.add_argument(
+        "--source",
+        choices=["synthetic", "movielens", "csv"],
+        default=source,
+        help=f"data to ingest (default {source or 'synthetic, or none with --repo'})",
     )
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
-
-
-def _data_args(p, users: int, items: int) -> None:
-    p.add_argument("--source", choices=["synthetic", "movielens", "csv"], default="synthetic")
     p.add_argument(
         "--path",
         help="folder with the source files (movielens: u.data, u.item, u.genre; "
@@ -208,7 +223,9 @@ def _data_args(p, users: int, items: int) -> None:
         type=_probabilities,
         help="synthetic: each user's p_stay is one of these (comma-separated; default 0.1,0.7)",
     )
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--seed", type=int, default=7, help="synthetic data (and evaluate's training) seed (default 7)"
+    )
     p.add_argument(
         "--retriever",
         type=_retriever,
@@ -219,110 +236,155 @@ def _data_args(p, users: int, items: int) -> None:
     )
 
 
-def _train_config(args):
-    from .pipelines.train import TrainConfig
+TRAIN_KEYS = (
+    "recipe",
+    "size",
+    "steps",
+    "batch_size",
+    "lr",
+    "seed",
+    "item_text_words",
+    "max_examples",
+    "vocab_size",
+    "threads",
+    "block_aware",
+    "block_aware_fraction",
+    "history_lm_weight",
+    "item_lm_window",
+    "item_lm_rank",
+    "item_lm_patience",
+    "item_features",
+    "pretrain_worlds",
+)
 
+
+def _train_config(args):
+    """The training settings: defaults < ``--train-config`` YAML < ``RCLLM_TRAIN_*`` < flags given."""
+    from .pipelines.train_config import TrainConfig
+
+    flags = {key: getattr(args, key, None) for key in TRAIN_KEYS}
+    flags["block_aware"] = flags["block_aware"] or None  # store_true: absent means "not given"
     try:
-        return TrainConfig(
-            size=args.size,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            block_aware=args.block_aware,
-            block_aware_fraction=args.block_aware_fraction,
-            item_text_words=args.item_text_words,
-            history_lm_weight=args.history_lm_weight,
-            max_examples=args.max_examples,
-            recipe=args.recipe,
-            item_lm_window=args.item_lm_window,
-            item_lm_rank=args.item_lm_rank,
-            item_lm_patience=args.item_lm_patience,
-            item_features=args.item_features,
-            pretrain_worlds=args.pretrain_worlds,
-        )
-    except ValueError as exc:  # TrainConfig's own validation: a usage error, not a crash
+        return TrainConfig.resolve(getattr(args, "train_config", None), **flags)
+    except ConfigError as exc:
         raise ConfigError(f"{exc} (see rcllm {args.command} --help)") from exc
 
 
-def _train_args(p, steps: int, size: str = "small", batch_size: int | None = None) -> None:
-    p.add_argument("--size", default=size, help="ranker preset: micro, small, base")
-    p.add_argument("--steps", type=int, default=steps)
+RECIPE_HELP = (
+    "item-lm (default): an item-level LM over the history blocks with the label lookup compiled around "
+    "it; the ranker reads each user's history (use it). verbalizer: every weight trained on the label "
+    "loss; at CPU budgets it ranks nearly alike for every user (use it only to compare)"
+)
+FEATURES_HELP = (
+    "item-lm: id = one learned embedding per item (use on catalogues with many interactions per item, "
+    "e.g. MovieLens-1M); content = embeddings computed from categories, series/part in titles and "
+    "popularity, history lines marked with their relation to the previous one (use on sparse "
+    "catalogues); auto (default): id when the training split has >= 100 interactions per item, "
+    "else content; the choice is printed and saved in the training record"
+)
+
+
+def _train_args(p, demo: bool = False) -> None:
+    """Training flags; every default None is the recipe's (see rcllm_sdk.pipelines.train_config)."""
+    p.add_argument("--train-config", help="YAML file of training settings (flat keys, e.g. steps: 600)")
+    p.add_argument("--recipe", choices=["item-lm", "verbalizer"], help=RECIPE_HELP)
+    p.add_argument(
+        "--size",
+        choices=["micro", "small", "base"],
+        help="model size preset (default: verbalizer small; item-lm id small, content micro)",
+    )
+    p.add_argument(
+        "--steps", type=int, help="optimiser steps (default: verbalizer 600; item-lm id 2000, content 2000)"
+    )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=batch_size,
         help="prompts (item-lm: history windows) per step (default: verbalizer 32, item-lm 64)",
     )
     p.add_argument("--lr", type=float, help="peak learning rate (default: verbalizer 2e-3, item-lm 3e-3)")
     p.add_argument(
+        "--vocab-size", type=int, help="BPE vocabulary size of the trained tokenizer (default 4000)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads for training (default: torch's)")
+    p.add_argument(
         "--item-text-words",
         type=int,
-        default=0,
-        help="description words in each item block of the trained template (0: title and category)",
-    )
-    p.add_argument(
-        "--block-aware",
-        action="store_true",
-        help="train with the block attention structure rcllm serves with (see README)",
-    )
-    p.add_argument(
-        "--block-aware-fraction",
-        type=float,
-        default=1.0,
-        help="with --block-aware: share of training prompts with the block mask, the rest full attention",
-    )
-    p.add_argument(
-        "--history-lm-weight",
-        type=float,
-        default=0.0,
-        help="weight of an auxiliary next-token loss over the history block (item dynamics; see README)",
-    )
-    p.add_argument(
-        "--recipe",
-        choices=["verbalizer", "item-lm"],
-        default="verbalizer",
-        help="verbalizer: train every weight on the label loss; item-lm: train an item-level LM on the "
-        "history blocks and compile the label lookup around it (README, Round 8)",
-    )
-    p.add_argument(
-        "--item-lm-window", type=int, default=40, help="item-lm: history items per training window"
-    )
-    p.add_argument(
-        "--item-lm-patience",
-        type=int,
-        default=3,
-        help="item-lm: stop after this many validation checks without improvement, keep the best "
-        "weights (0: train every step)",
-    )
-    p.add_argument(
-        "--item-lm-rank",
-        type=int,
-        default=0,
-        help="item-lm: dimensions of the next-item score carried into the label lookup (0: all)",
-    )
-    p.add_argument(
-        "--item-features",
-        choices=["id", "content"],
-        default="id",
-        help="item-lm: id = one learned embedding per item; content = embeddings computed from "
-        "categories, series/part in titles and popularity, history lines marked with their "
-        "relation to the previous one (README, Round 10)",
-    )
-    p.add_argument(
-        "--pretrain-worlds",
-        type=int,
-        default=0,
-        help="item-lm with --item-features content: also train on this many worlds of the synthetic "
-        "generator (seeds 1000, 1001, ...)",
+        help="description words in each candidate's item block "
+        "(default 0: the item alone); more text makes block reuse pay more",
     )
     p.add_argument(
         "--max-examples",
         type=int,
-        default=20_000,
-        help="training examples drawn (user, position) at random; fewer than steps x batch size "
-        "are seen repeatedly, and small models then memorise them (README, Round 7)",
+        help="training examples drawn (user, position) at random "
+        "(default 20000); fewer than steps x batch size are seen repeatedly",
     )
+    p.add_argument("--item-features", choices=["auto", "id", "content"], help=FEATURES_HELP)
+    p.add_argument(
+        "--pretrain-worlds",
+        type=int,
+        help="item-lm, content features: also train on this many "
+        "worlds of the synthetic generator, seeds 1000, 1001, ... (default 8; 0: none)",
+    )
+    p.add_argument(
+        "--item-lm-window", type=int, help="item-lm: history items per training window (default 40)"
+    )
+    p.add_argument(
+        "--item-lm-patience",
+        type=int,
+        help="item-lm: stop after this many validation checks "
+        "without improvement and keep the best weights (default: 3; 0 with pretraining worlds, "
+        "whose noisy validation would stop too early; 0: train every step)",
+    )
+    p.add_argument(
+        "--item-lm-rank",
+        type=int,
+        help="item-lm: dimensions of the next-item score carried into the label lookup (default 0: all)",
+    )
+    p.add_argument(
+        "--block-aware",
+        action="store_true",
+        help="verbalizer: train with the block attention "
+        "structure rcllm serves with (user and item blocks see the system block and themselves)",
+    )
+    p.add_argument(
+        "--block-aware-fraction",
+        type=float,
+        help="verbalizer with --block-aware: share of "
+        "training prompts with the block mask, the rest full attention (default 1.0)",
+    )
+    p.add_argument(
+        "--history-lm-weight",
+        type=float,
+        help="verbalizer: weight of an auxiliary next-token loss over the history block (default 0)",
+    )
+
+
+# The demo's training: the content item LM sized for a few minutes on 2 cores, with candidate blocks
+# long enough (24 description words) that reusing their KV pays.
+DEMO_TRAINING = dict(
+    recipe="item-lm", item_features="content", size="micro", steps=600, pretrain_worlds=4, item_text_words=24
+)
+
+
+def _repo_args(p) -> None:
+    p.add_argument("--repo", default=DEMO_REPO, help=f"feature repo folder (default {DEMO_REPO})")
+    p.add_argument("--online-store", default="sqlite", help="sqlite (default) or redis://host:port")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of failing"
+    )
+
+
+def _evaluate_args(p, timing_samples: int = 200) -> None:
+    p.add_argument("--model", help="evaluate this model (HF folder or MLflow URI) instead of training one")
+    p.add_argument("--max-users", type=int, help="evaluate the first this many test users (default: all)")
+    p.add_argument("--candidates", type=int, default=20, help="retriever candidates ranked (default 20)")
+    p.add_argument(
+        "--timing-samples",
+        type=int,
+        default=timing_samples,
+        help=f"users timed per mode, warm, on prompts new to each engine (default {timing_samples})",
+    )
+    _serving_args(p)
 
 
 def _serving_args(p) -> None:
@@ -337,35 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="load a source, split it, embed items, fill the Feast repo")
     _data_args(p, 2500, 1200)
-    p.add_argument("--repo", default=DEMO_REPO)
-    p.add_argument("--online-store", default="sqlite", help="sqlite (default) or redis://host:port")
-    p.add_argument(
-        "--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of failing"
-    )
+    _repo_args(p)
     p.set_defaults(func=cmd_ingest)
     p = sub.add_parser("train", help="train the ranker on an ingested repo's training split")
-    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
     p.add_argument("--out", help="model folder (default <repo>/data/ranker)")
-    p.add_argument("--seed", type=int, default=0)
-    _train_args(p, 600)
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _train_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("recommend", help="rank items for users")
-    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
     p.add_argument("--model", help="HF folder or MLflow URI (default <repo>/data/ranker)")
-    p.add_argument("--user", type=int, nargs="+", required=True)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--user", type=int, nargs="+", required=True, help="user ids to recommend for")
+    p.add_argument("--k", type=int, default=10, help="items per user (default 10)")
     _serving_args(p)
     p.add_argument("--mode", choices=["rcllm", "prefix", "full"], help="default: config (rcllm)")
     p.set_defaults(func=cmd_recommend)
     p = sub.add_parser("evaluate", help="leave-one-out evaluation of ranker vs retriever")
-    _data_args(p, 2500, 1200)
-    _train_args(p, 600)
-    p.add_argument("--model", help="evaluate this model instead of training one")
-    p.add_argument("--repo", help="feature repo to ingest into (default: a temporary folder)")
+    _data_args(p, 2500, 1200, source=None)
+    _train_args(p)
+    _evaluate_args(p)
+    p.add_argument(
+        "--repo",
+        help="feature repo: with --source, ingest into it (default: a temporary folder); without, "
+        "evaluate it as ingested",
+    )
     p.add_argument("--out", help="write the report JSON here")
-    p.add_argument("--max-users", type=int)
-    p.add_argument("--candidates", type=int, default=20)
-    _serving_args(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("refresh", help="precompute item and active-user block KV into the store")
     p.add_argument("--repo", default=DEMO_REPO)
@@ -403,12 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_storage_arguments(p)
     p.set_defaults(func=cmd_bench_storage)
-    p = sub.add_parser("demo", help="ingest synthetic data, train, recommend and evaluate (a few minutes)")
+    p = sub.add_parser(
+        "demo",
+        help="ingest synthetic data, train the content item LM, recommend, evaluate accuracy and warm "
+        "TTFT of full / prefix / rcllm (about 5 minutes on 2 cores)",
+    )
     _data_args(p, 600, 400)
-    _train_args(p, 150, size="micro", batch_size=16)
-    p.add_argument("--repo", default=DEMO_REPO)
-    p.add_argument("--online-store", default="sqlite")
-    p.add_argument("--skip-bad-rows", action="store_true")
+    _train_args(p)
+    _evaluate_args(p, timing_samples=200)
+    p.set_defaults(**DEMO_TRAINING)
+    _repo_args(p)
     p.add_argument("--eval-out", help="report JSON (default <repo>/data/demo_evaluation.json)")
     p.set_defaults(func=cmd_demo)
     return parser

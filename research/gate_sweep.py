@@ -616,8 +616,8 @@ def _served_test_rows(inter, serving) -> tuple[list[tuple[list[int], list[int]]]
 
 def _two_fold_with_position(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Ranks of the truth under the item-lm recipe's readout (``tau * score + b[position]``, see
-    ``item_lm_ranker.fit_readout``) fitted on the other half of the users (2-fold); -1 stays a miss."""
-    from rcllm_sdk.pipelines.item_lm_ranker import fit_readout
+    ``item_lm.fit_readout``) fitted on the other half of the users (2-fold); -1 stays a miss."""
+    from rcllm_sdk.pipelines.item_lm import fit_readout
 
     scores = torch.tensor(scores, dtype=torch.float32)
     ranks = targets.copy()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.pipelines.block_mask import block_attention_mask
 
 
@@ -50,10 +51,16 @@ def test_block_aware_training_runs_and_saves(ingested_repo, tmp_path):
     from rcllm_sdk.pipelines.run import train_from_repo
     from rcllm_sdk.pipelines.train import TrainConfig
 
-    with pytest.raises(ValueError, match="block_aware_fraction"):
-        TrainConfig(block_aware=True, block_aware_fraction=0.0)
-    config = TrainConfig(
-        size="micro", steps=3, batch_size=2, vocab_size=600, block_aware=True, block_aware_fraction=0.5
+    with pytest.raises(ConfigError, match="block_aware_fraction"):
+        TrainConfig.resolve(recipe="verbalizer", block_aware=True, block_aware_fraction=0.0)
+    config = TrainConfig.resolve(
+        recipe="verbalizer",
+        size="micro",
+        steps=3,
+        batch_size=2,
+        vocab_size=600,
+        block_aware=True,
+        block_aware_fraction=0.5,
     )
     result = train_from_repo(ingested_repo, tmp_path / "ranker", config, progress=False, log_mlflow=False)
     assert result["summary"]["block_aware"] is True and (tmp_path / "ranker" / "config.json").exists()

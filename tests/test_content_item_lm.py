@@ -1,5 +1,5 @@
 """Content item LMs (``--item-features content``): relation markers, content embeddings, and the
-materialised Llama the item-lm recipe compiles (pipelines/content_item_lm.py)."""
+materialised Llama the item-lm recipe compiles (pipelines/item_lm/content.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.model.tokenizer import train_tokenizer
-from rcllm_sdk.pipelines.content_item_lm import (
+from rcllm_sdk.pipelines.item_lm import UserBlockWindows, item_lm_config, item_lm_template
+from rcllm_sdk.pipelines.item_lm.content import (
     Catalogue,
     ContentItemLM,
     ContentWindows,
     _earlier_items,
     content_features,
 )
-from rcllm_sdk.pipelines.item_lm_ranker import UserBlockWindows, item_lm_config, item_lm_template
 from rcllm_sdk.pipelines.run import catalog_from_repo
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus
 from rcllm_sdk.prompt import ItemInfo, item_token, render
@@ -187,7 +188,7 @@ def test_content_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     from rcllm_sdk import RcRecommender
     from rcllm_sdk.pipelines.run import train_from_repo
 
-    config = TrainConfig(
+    config = TrainConfig.resolve(
         recipe="item-lm",
         size="micro",
         steps=20,
@@ -209,10 +210,12 @@ def test_content_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
 
 
 def test_relation_markers_and_content_features_go_together(ingested_repo, tmp_path):
-    from rcllm_sdk.pipelines.item_lm_ranker import train_item_lm_ranker
+    from rcllm_sdk.pipelines.item_lm import train_item_lm_ranker
 
-    config = TrainConfig(recipe="item-lm", size="micro", steps=1, batch_size=2, vocab_size=600)
-    with pytest.raises(ValueError, match="relation markers"):
+    config = TrainConfig.resolve(
+        recipe="item-lm", item_features="id", size="micro", steps=1, batch_size=2, vocab_size=600
+    )
+    with pytest.raises(ConfigError, match="relation markers"):
         train_item_lm_ranker(
             [],
             catalog_from_repo(ingested_repo),
@@ -226,12 +229,12 @@ def test_relation_markers_and_content_features_go_together(ingested_repo, tmp_pa
 @pytest.mark.parametrize(
     "option",
     [
-        dict(item_features="content"),
-        dict(recipe="item-lm", pretrain_worlds=2),
+        dict(recipe="verbalizer", item_features="content"),
+        dict(recipe="item-lm", item_features="id", pretrain_worlds=2),
         dict(recipe="item-lm", item_features="words"),
         dict(recipe="item-lm", item_features="content", pretrain_worlds=-1),
     ],
 )
 def test_train_config_rejects_content_options_where_they_cannot_apply(option):
-    with pytest.raises(ValueError):
-        TrainConfig(**{"size": "micro", **option})
+    with pytest.raises(ConfigError):
+        TrainConfig.resolve(**{"size": "micro", **option})

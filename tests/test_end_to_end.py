@@ -75,20 +75,17 @@ def test_errors_and_cold_start(trained_repo, tmp_path):
 
 def test_evaluate_writes_the_report(trained_repo, tmp_path):
     from conftest import TINY
-    from rcllm_sdk.evaluation.evaluate import evaluate
+    from rcllm_sdk.evaluation.evaluate import EvaluateConfig, evaluate
 
     repo, result = trained_repo
     out = tmp_path / "report.json"
+    ingested = {p: p.stat().st_mtime_ns for p in (repo / "data").glob("*.parquet")}
     report = evaluate(
-        "synthetic",
-        None,
-        out,
-        model=str(result["model_dir"]),
-        repo=repo,
-        synthetic=TINY,
-        timing_samples=5,
-        progress=False,
+        EvaluateConfig(
+            source=None, out=out, model=str(result["model_dir"]), repo=repo, timing_samples=5, progress=False
+        )
     )
+    assert {p: p.stat().st_mtime_ns for p in (repo / "data").glob("*.parquet")} == ingested  # not re-ingested
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["users"] == TINY.n_users
@@ -100,6 +97,7 @@ def test_evaluate_writes_the_report(trained_repo, tmp_path):
             assert metric in entry["in_candidates"]
     assert full["recall@10"] <= retr["in_candidates"]["users"] / saved["users"] + 1e-9
     assert full["ttft_ms_p50"] > 0 and "ttft_ms_p99" not in full  # p99 needs >= 100 samples
+    assert all(saved["results"][m]["timing_samples"] == 5 for m in ("full", "prefix", "rcllm"))
     schema = json.loads(
         (Path(__file__).parents[1] / "evaluation" / "schemas" / "evaluate.schema.json").read_text()
     )

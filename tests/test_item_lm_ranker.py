@@ -1,4 +1,4 @@
-"""The item-LM recipe: a trained item LM with the label lookup compiled around it (pipelines/item_lm_ranker.py)."""
+"""The item-LM recipe: a trained item LM with the label lookup compiled around it (pipelines/item_lm/)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from rcllm_sdk.cache.memory import MemoryStore
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.ingest import read_manifest
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.pipelines.examples import BlockEncoder, build_examples
-from rcllm_sdk.pipelines.item_lm_ranker import (
+from rcllm_sdk.pipelines.item_lm import (
     UserBlockWindows,
-    _EarlyStopping,
-    _ItemLoss,
     candidate_scores,
     compile_ranker,
     item_lm_template,
@@ -25,6 +24,7 @@ from rcllm_sdk.pipelines.item_lm_ranker import (
     train_item_lm,
     validation_split,
 )
+from rcllm_sdk.pipelines.item_lm.fitting import _EarlyStopping, _ItemLoss
 from rcllm_sdk.pipelines.run import catalog_from_repo, cross_fitted_groups
 from rcllm_sdk.pipelines.train import TrainConfig, tokenizer_corpus
 from rcllm_sdk.prompt import item_token, render
@@ -119,7 +119,11 @@ def test_rcllm_default_policy_ranks_like_full_prefill(compiled, text_words):
     template = dataclasses.replace(compiled["template"], item_text_words=text_words)
     ranker = Ranker(compiled["model"], tok, template, "item-lm-test")
     engine = BlockEngine(
-        ranker, MemoryStore("memory://", f"item-lm-test-{text_words}"), "block_head:2", backend="torch"
+        ranker,
+        MemoryStore("memory://", f"item-lm-test-{text_words}"),
+        "block_head:2",
+        backend="torch",
+        guard=False,  # reuse always: this test checks the cached path
     )
     examples = compiled["examples"][64:80]
     prompts = [
@@ -174,8 +178,8 @@ def test_train_item_lm_recipe_end_to_end(ingested_repo, tmp_path):
     ],
 )
 def test_train_config_rejects_what_the_item_lm_recipe_cannot_do(option):
-    with pytest.raises(ValueError):
-        TrainConfig(**{"recipe": "item-lm", "size": "small", **option})
+    with pytest.raises(ConfigError):
+        TrainConfig.resolve(**{"recipe": "item-lm", "size": "small", **option})
 
 
 def test_compact_lines_and_the_history_footer():
@@ -188,16 +192,16 @@ def test_compact_lines_and_the_history_footer():
         item_id, title, category = 7, "Title", "Drama"
 
     assert template.user_text([Item()]).endswith(f"<i7>\n{NEXT_MARKER}\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         PromptTemplate(history_footer=NEXT_MARKER)  # no newline: breaks the block boundary rule
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         PromptTemplate(titles=False, categories=False, item_tokens=False)
     tok = train_tokenizer(["x"], [7], template, 300)
     assert len(tok(NEXT_MARKER, add_special_tokens=False)["input_ids"]) == 1
 
 
 def test_train_config_takes_the_recipes_measured_defaults_unless_given():
-    verbalizer, item_lm = TrainConfig(), TrainConfig(recipe="item-lm", size="micro")
+    verbalizer, item_lm = TrainConfig(recipe="verbalizer"), TrainConfig(recipe="item-lm", size="micro")
     assert (verbalizer.batch_size, verbalizer.lr) == (32, 2e-3)
     assert (item_lm.batch_size, item_lm.lr) == (64, 3e-3)
     given = TrainConfig(recipe="item-lm", size="micro", batch_size=8, lr=1e-3)
@@ -220,7 +224,7 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_checks()
 
 def test_item_lm_returns_the_weights_of_its_best_validation_check(compiled, ingested_repo):
     groups = cross_fitted_groups(ingested_repo, read_manifest(ingested_repo))
-    config = TrainConfig(
+    config = TrainConfig.resolve(
         recipe="item-lm", size="micro", steps=60, batch_size=8, lr=3e-2, candidates=K, item_lm_patience=2
     )
     sequences = [s for g, _ in groups for s in g]

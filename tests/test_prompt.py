@@ -2,6 +2,7 @@
 
 import pytest
 
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, block_hash, full_text, render
 
@@ -78,12 +79,12 @@ def test_same_item_block_has_same_hash_in_any_position(tokenizer):
 def test_labels_are_single_tokens(tokenizer):
     ids = label_token_ids(tokenizer, PromptTemplate().labels)
     assert len(set(ids)) == len(ids) == 52
-    with pytest.raises(ValueError, match="one token"):
+    with pytest.raises(ConfigError, match="one token"):
         label_token_ids(tokenizer, ["Zebra crossing"])
 
 
 def test_too_many_candidates_for_labels(tokenizer):
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="labels"):
         render(HISTORY, CANDIDATES, PromptTemplate(labels=["A"]), tokenizer, "fp")
 
 

@@ -153,8 +153,12 @@ def test_cli_passes_the_history_lm_weight_and_example_count_to_training():
     from rcllm_sdk.errors import ConfigError
 
     parse = lambda *argv: build_parser().parse_args(["evaluate", "--out", "x.json", *argv])  # noqa: E731
-    assert _train_config(parse()).history_lm_weight == 0.0
-    assert _train_config(parse("--history-lm-weight", "1.0")).history_lm_weight == 1.0
+    assert _train_config(parse()).recipe == "item-lm"  # the default: the recipe that reads the history
+    assert _train_config(parse("--recipe", "verbalizer")).verbalizer.history_lm_weight == 0.0
+    weighted = _train_config(parse("--recipe", "verbalizer", "--history-lm-weight", "1.0"))
+    assert weighted.verbalizer.history_lm_weight == 1.0
+    with pytest.raises(ConfigError, match="only for the verbalizer"):
+        _train_config(parse("--history-lm-weight", "1.0"))
     assert _train_config(parse()).max_examples == 20_000
     assert _train_config(parse("--max-examples", "100000")).max_examples == 100_000
     with pytest.raises(ConfigError, match="max_examples must be >= 1"):

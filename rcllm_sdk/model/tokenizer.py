@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..errors import ConfigError
 from ..prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTemplate, item_token
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -47,7 +48,7 @@ def label_token_ids(tokenizer, labels: list[str]) -> list[int]:
     for label in labels:
         encoded = tokenizer(label, add_special_tokens=False)["input_ids"]
         if len(encoded) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"label {label!r} is {len(encoded)} tokens in this tokenizer; labels must be one token each"
             )
         ids.append(encoded[0])

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from ..errors import ConfigError
 from .template import PromptTemplate
 
 SYSTEM, USER, LABEL, ITEM, QUERY = "system", "user", "label", "item", "query"
@@ -71,7 +72,7 @@ def block_texts(
 ) -> list[tuple[str, str]]:
     """``(kind, text)`` of every block in prompt order."""
     if len(candidates) > len(template.labels):
-        raise ValueError(
+        raise ConfigError(
             f"{len(candidates)} candidates but only {len(template.labels)} labels in the template"
         )
     parts = [(SYSTEM, template.system), (USER, template.user_text(history))]

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
 NEXT_MARKER = (
-    "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm_ranker.py)
+    "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm/)
 )
 # Relation markers (``PromptTemplate.relation_markers``): special tokens opening a history line,
 # saying how its item follows the line before it, read off the titles and categories the prompt shows.
@@ -93,19 +95,19 @@ class PromptTemplate:
 
     def __post_init__(self):
         if not self.system.endswith("\n") or not self.history_header.endswith("\n"):
-            raise ValueError("system and history_header must end with a newline (block boundary rule)")
+            raise ConfigError("system and history_header must end with a newline (block boundary rule)")
         if self.history_footer and (
             not self.history_footer.endswith("\n") or self.history_footer[0].isspace()
         ):
-            raise ValueError(
+            raise ConfigError(
                 "history_footer must end with a newline and not start with whitespace (block boundary rule)"
             )
         if self.max_history < 1:
-            raise ValueError("max_history must be at least 1")
+            raise ConfigError("max_history must be at least 1")
         if not (self.item_tokens or self.titles or self.categories):
-            raise ValueError("an item line needs at least one of item_tokens, titles and categories")
+            raise ConfigError("an item line needs at least one of item_tokens, titles and categories")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels must be distinct")
+            raise ConfigError("labels must be distinct")
 
     def item_line(
         self, item_id: int, title: str, category: str, text: str = "", with_text: bool = False

@@ -1,7 +1,7 @@
 """Item LMs whose item embeddings are computed from content (``--item-features content``).
 
-The id item LM (:mod:`item_lm_ranker`) learns one embedding per item token; on a catalogue with
-few transitions per item it memorises before it generalises (README, "Round 9"). Here an item's
+The id item LM (:mod:`.fitting`) learns one embedding per item token; on a catalogue with
+few transitions per item it memorises before it generalises (measured on MovieLens-100K). Here an item's
 input and output embeddings are functions of what the prompt shows about it (:class:`ContentFeatures`:
 its categories, its series name and part number read off the title, and how often it was consumed),
 so what the model learns transfers between items, and between catalogues: training may add
@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.model.scoring import pad_batch
 from rcllm_sdk.prompt import ItemInfo
 from rcllm_sdk.prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTemplate, relation, series_part
@@ -138,12 +139,13 @@ class Catalogue:
 class ContentWindows:
     """Token ids of user-block windows in which an item is ``-(row + 1)`` (its embedding comes from
     content): system block, header, one line per item (relation marker but on the first line, item,
-    newline), the next-item marker and the next item. For the catalogue the tokenizer has item tokens for, replacing each
-    ``-(row + 1)`` by the row's item token gives exactly the rendered user block (tested)."""
+    newline), the next-item marker and the next item. For the catalogue the tokenizer has item tokens
+    for, replacing each ``-(row + 1)`` by the row's item token gives exactly the rendered user block
+    (tested)."""
 
     def __init__(self, template: PromptTemplate, tokenizer):
         if not (template.relation_markers and not template.titles and not template.categories):
-            raise ValueError("content item LMs need the compact item-lm template with relation markers")
+            raise ConfigError("content item LMs need the compact item-lm template with relation markers")
         ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.template, self.tokenizer = template, tokenizer
         self._head = ids(template.system) + ids(template.history_header)
@@ -174,7 +176,7 @@ class ContentItemLM(torch.nn.Module):
     def loss(
         self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Cross-entropy of every next item in ``windows`` over the catalogue's items not yet in the window."""
+        """Cross-entropy of every next item in ``windows`` over the catalogue's items not yet in it."""
         return torch.nn.functional.cross_entropy(
             *self.next_item_logits(catalogue, windows, pad_id, relation_ids)
         )
@@ -256,7 +258,8 @@ def train_content_item_lm(
     """Train a :class:`ContentItemLM` on ``config.steps`` batches, each of ``config.batch_size`` windows
     of one catalogue drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
     on held-out target sequences. Returns ``(ContentItemLM, losses, record)``."""
-    from .item_lm_ranker import fit_item_lm, mean_loss, sample_windows, validation_split
+    from .fitting import fit_item_lm, mean_loss
+    from .windows import sample_windows, validation_split
 
     torch.manual_seed(config.seed)
     model = ContentItemLM(model_config)
@@ -270,11 +273,9 @@ def train_content_item_lm(
         batch = sample_windows(catalogue.sequences, functools.partial(windows.encode, catalogue), config, rng)
         return model.loss(catalogue, batch, pad_id, relation_ids)
 
-    validation_loss = lambda: mean_loss(
-        model,
-        lambda part: model.loss(target, part, pad_id, relation_ids),  # noqa: E731
-        validation,
-    )
+    def validation_loss() -> float:
+        return mean_loss(model, lambda part: model.loss(target, part, pad_id, relation_ids), validation)
+
     return fit_item_lm(
         model, next_loss, validation_loss if validation else None, config, "content item LM", progress
     )

@@ -19,166 +19,35 @@ bare GPU machine (``--device cuda --store memory://``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.scoring import score_full
-from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
-from rcllm_sdk.prompt import ItemInfo, PromptTemplate, render
-from rcllm_sdk.prompt.renderer import USER, cacheable_blocks
+from rcllm_sdk.model.tokenizer import label_token_ids
+from rcllm_sdk.prompt.renderer import USER
 from rcllm_sdk.runtime.engine import BlockEngine
 from rcllm_sdk.runtime.policies import parse_policy
 from rcllm_sdk.runtime.refresh import refresh_blocks
 
-from .bench_config import (
-    MODELS,
-    WORKLOADS,
-    BenchConfig,
-    Request,
-    StreamConfig,
-    Workload,
-    add_arguments,
-    config_from_args,
+from .bench_config import MODELS, WORKLOADS, BenchConfig, Workload, add_arguments, config_from_args
+from .bench_world import (  # noqa: F401  (re-exported: bench_cluster and the sweep build on them)
+    _dtype,
+    bench_catalog,
+    build_bench_ranker,
+    render_requests,
+    request_blocks,
+    request_stream,
 )
-
-
-# ---- the synthetic world ---------------------------------------------------------------------
-def bench_catalog(n_items: int, description_words: int, seed: int) -> dict[int, ItemInfo]:
-    """Items with pseudo-word titles and category-specific description text (numpy only)."""
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ra", "ten", "vo", "shi", "dun", "pel", "qua", "zor", "bel", "nim", "tor"]
-    word = lambda: "".join(rng.choice(syllables, rng.integers(2, 4)))
-    categories = [f"Genre{c}" for c in range(12)]
-    vocab = [[word() for _ in range(60)] for _ in categories]
-    catalog = {}
-    for item in range(1, n_items + 1):
-        cat = int(rng.integers(len(categories)))
-        title = " ".join(word().capitalize() for _ in range(rng.integers(2, 4)))
-        text = " ".join(rng.choice(vocab[cat], description_words))
-        catalog[item] = ItemInfo(item, title, categories[cat], text)
-    return catalog
-
-
-def request_stream(config: StreamConfig, workload: Workload, n: int, salt: int) -> list[Request]:
-    """``n`` requests: new users with ``history`` items, or repeat users whose history grew."""
-    rng = np.random.default_rng([config.seed, salt])
-    weights = 1.0 / np.arange(1, config.items + 1) ** config.zipf_exponent
-    popularity = rng.permutation(weights / weights.sum())  # which items are popular is random
-    draw = lambda k, seen: _zipf_unseen(rng, popularity, k, seen)
-    histories: dict[int, list[int]] = {}
-    requests = []
-    while len(requests) < n:
-        if histories and rng.random() < config.repeat_user_rate:
-            user = int(rng.choice(list(histories)))
-            grow = int(rng.integers(config.history_growth[0], config.history_growth[1] + 1))
-            histories[user] = histories[user] + draw(grow, set(histories[user]))
-        else:
-            user = len(histories) + 1
-            histories[user] = draw(workload.history, set())
-        history = histories[user][-workload.history :]
-        requests.append(Request(user, history, draw(workload.candidates, set(histories[user]))))
-    return requests
-
-
-def render_requests(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
-    """The prompt of each request."""
-    return [
-        render(
-            [catalog[i] for i in r.history],
-            [catalog[i] for i in r.candidates],
-            template,
-            ranker.tokenizer,
-            ranker.fingerprint,
-        )
-        for r in requests
-    ]
-
-
-def request_blocks(requests: list[Request], catalog, template: PromptTemplate, ranker) -> list:
-    """What the refresh pipeline keeps stored for these requests: the system block, each
-    history block and each candidate's item block."""
-    return cacheable_blocks(
-        [[catalog[i] for i in r.history] for r in requests],
-        [catalog[i] for i in sorted({i for r in requests for i in r.candidates})],
-        template,
-        ranker.tokenizer,
-        ranker.fingerprint,
-    )
-
-
-def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[int]:
-    p = popularity.copy()
-    p[[i - 1 for i in seen]] = 0.0
-    return [int(i) + 1 for i in rng.choice(len(p), size=k, replace=False, p=p / p.sum())]
-
-
-# ---- model, tokenizer, template --------------------------------------------------------------
-def build_bench_ranker(
-    config: BenchConfig, workloads: list[Workload]
-) -> tuple[Ranker, dict[str, PromptTemplate], dict]:
-    """Tokenizer trained on the catalogue, random-weight model, one template per workload."""
-    longest = max(w.item_tokens for w in workloads)
-    catalog = bench_catalog(config.stream.items, 2 * longest, config.stream.seed)
-    base = PromptTemplate(max_history=max(w.history for w in workloads), item_text_words=longest)
-    texts = [
-        base.item_line(i.item_id, i.title, i.category, i.text, True) for i in list(catalog.values())[:1500]
-    ]
-    tokenizer = train_tokenizer([t.split(">", 1)[1] for t in texts], catalog.keys(), base, vocab_size=4000)
-    templates = {w.name: _template_for(w, catalog, tokenizer) for w in workloads}
-    spec = dict(MODELS[config.model])
-    family = spec.pop("family")
-    model = _random_model(family, spec, len(tokenizer), tokenizer, config)
-    digest = hashlib.blake2b(
-        json.dumps([config.model, spec, config.stream.seed]).encode(), digest_size=8
-    ).hexdigest()
-    return Ranker(model, tokenizer, base, f"bench{digest}"), templates, catalog
-
-
-def _template_for(workload: Workload, catalog, tokenizer) -> PromptTemplate:
-    """Pick the description length that makes item blocks about ``item_tokens`` long."""
-    sample = list(catalog.values())[:200]
-    words = workload.item_tokens
-    for _ in range(4):
-        template = PromptTemplate(max_history=workload.history, item_text_words=words)
-        lines = [template.item_line(i.item_id, i.title, i.category, i.text, True) for i in sample]
-        mean = np.mean([len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]])
-        words = max(1, int(round(words * workload.item_tokens / mean)))
-    return PromptTemplate(max_history=workload.history, item_text_words=words)
-
-
-def _random_model(family: str, spec: dict, vocab: int, tokenizer, config: BenchConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[family]
-    torch.manual_seed(config.stream.seed)
-    hf_config = config_cls(
-        vocab_size=vocab,
-        max_position_embeddings=16384,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **spec,
-    )
-    dtype = _dtype(config)
-    model = model_cls(hf_config).to(device=config.device, dtype=dtype)
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
-def _dtype(config: BenchConfig) -> torch.dtype:
-    if config.dtype == "auto":
-        return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
-    return getattr(torch, config.dtype)
+from .sweep import markdown as sweep_markdown
+from .sweep import run_sweep
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -252,7 +121,9 @@ def _mode_runners(engine: BlockEngine, config: BenchConfig):
         name = f"rcllm:{parse_policy(spec).spec}"
         runners[name] = rcllm(name, parse_policy(spec))
     if config.ab_attention:  # the default policy again, attention forced to another backend
-        twin = BlockEngine(engine.ranker, engine.store, config.policy, config.ab_attention)
+        twin = BlockEngine(
+            engine.ranker, engine.store, config.policy, config.ab_attention, guard=config.guard
+        )
         name = f"rcllm@{config.ab_attention}"
         runners[name] = rcllm(name, parse_policy(config.policy), twin)
         engines.append(twin)
@@ -269,7 +140,7 @@ def _measure(
     for n, (prompt, label_ids) in enumerate(zip(prompts, labels, strict=False)):
         order = names[n % len(names) :] + names[: n % len(names)]  # rotate: no mode always goes first
         for name in order:
-            ms, figures = _timed(lambda: runners[name](prompt, label_ids), device)
+            ms, figures = _timed(lambda run=runners[name], p=prompt, y=label_ids: run(p, y), device)
             samples[name].append((ms, *figures))
             for engine in engines:  # write-back runs beside the request (as LMCache's does); not part of TTFT
                 engine.flush()
@@ -318,18 +189,36 @@ def _ratios(modes: dict) -> dict:
 
 # ---- the run ---------------------------------------------------------------------------------
 def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Time the workloads (or, with ``config.sweep``, the size sweep and the profile); write
+    JSON + markdown to ``out`` when given."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    workloads = [WORKLOADS[name] for name in config.workloads]
-    ranker, templates, catalog = build_bench_ranker(config, workloads)
+    workloads = [WORKLOADS[name] for name in config.workloads] if config.sweep is None else []
+    sizing = workloads or [Workload("sweep", 20, max(config.sweep.tokens), config.sweep.history)]
+    ranker, templates, catalog = build_bench_ranker(config, sizing)
     from rcllm_sdk.cache import open_store  # lazy: the store backends are optional on a bare GPU machine
 
     # The CPU tier must hold a workload's blocks (long_item: ~1.3 GB), or evictions turn warm
     # requests into partly cold ones; the misses column shows whether it did.
     options = {"max_local_cpu_gb": 4.0} if not config.store.startswith("memory://") else {}
     store = RecordingStore(open_store(config.store, namespace=ranker.fingerprint, **options))
-    engine = BlockEngine(ranker, store, config.policy, config.attention)
-    report = {
+    report = _header(config, ranker)
+    try:
+        if config.sweep is not None:
+            report.update(run_sweep(config, ranker, catalog, store, SWEEP_STEPS, progress))
+        else:
+            report["workloads"] = _run_workloads(
+                config, ranker, templates, catalog, store, workloads, progress
+            )
+    finally:
+        store.close()
+    if out:
+        write_report(report, Path(out))
+    return report
+
+
+def _header(config: BenchConfig, ranker) -> dict:
+    return {
         "machine": machine(config),
         "model": {
             "preset": config.model,
@@ -339,18 +228,21 @@ def run_bench(config: BenchConfig, out: str | Path | None = None, progress: bool
         },
         "stream": asdict(config.stream),
         "policy": parse_policy(config.policy).spec,
-        "workloads": {},
+        "guard": config.guard,
     }
+
+
+def _run_workloads(config, ranker, templates, catalog, store, workloads, progress) -> dict:
+    engine = BlockEngine(ranker, store, config.policy, config.attention, guard=config.guard)
     try:
-        for salt, workload in enumerate(workloads):
-            report["workloads"][workload.name] = _run_workload(
-                engine, store, ranker, templates[workload.name], catalog, workload, config, salt, progress
+        return {
+            w.name: _run_workload(
+                engine, store, ranker, templates[w.name], catalog, w, config, salt, progress
             )
+            for salt, w in enumerate(workloads)
+        }
     finally:
-        store.close()
-    if out:
-        write_report(report, Path(out))
-    return report
+        engine.close()
 
 
 def _run_workload(
@@ -417,7 +309,7 @@ def _run_workload(
 def _warmup(engines, runners, prompt, labels, store: RecordingStore, device: str) -> None:
     """One untimed pass per mode (allocator, thread pools), then forget its writes."""
     for run in runners.values():
-        _timed(lambda: run(prompt, labels), device)
+        _timed(lambda run=run: run(prompt, labels), device)
     for engine in engines:
         engine.flush()
     store.forget()
@@ -466,8 +358,11 @@ def machine(config: BenchConfig) -> dict:
 
 # ---- output ----------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
+    if "sweep" in report:
+        return sweep_markdown(report)
     lines = [
-        "| workload | mode | warm p50 ms | warm p95 ms | cold p50 ms | recomputed | prefix hit | full / mode | prefix / mode |",
+        "| workload | mode | warm p50 ms | warm p95 ms | cold p50 ms | recomputed | prefix hit "
+        "| full / mode | prefix / mode |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, w in report["workloads"].items():
@@ -502,6 +397,8 @@ def run_from_args(args) -> int:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
 
+
+SWEEP_STEPS = SimpleNamespace(warmup=_warmup, prepare_warm=_prepare_warm, measure=_measure)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -44,6 +44,14 @@ MODELS = {  # random-weight bench models; compute dominates at these sizes
         num_key_value_heads=2,
         intermediate_size=8960,
     ),
+    "ranker-small": dict(  # the shape `rcllm train` builds by default (model.ranker.RankerSize)
+        family="llama",
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+    ),
     "tiny": dict(
         family="llama",
         hidden_size=64,
@@ -87,7 +95,25 @@ class BenchConfig:
     attention: str = "auto"
     ab_attention: str = ""  # also time the default policy with attention forced to this backend
     threads: int = 0
+    guard: bool = True  # the engine's reuse guard (off: rcllm always reuses)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    sweep: SweepConfig | None = None  # set: run the size sweep and the profile instead of the workloads
+
+
+SWEEP_TOKENS = (4, 8, 16, 32, 64, 128)
+SWEEP_CANDIDATES = (10, 20, 50)
+SWEEP_MODEL = "ranker-small"  # the size rankers are served at; the prompt decides, not the model
+
+
+@dataclass(slots=True)
+class SweepConfig:
+    """The size sweep: item-block lengths x candidate counts, warm cache, modes interleaved."""
+
+    tokens: tuple[int, ...] = SWEEP_TOKENS
+    candidates: tuple[int, ...] = SWEEP_CANDIDATES
+    requests: int = 12  # timed requests per point
+    history: int = 10  # items in each user block
+    profile_requests: int = 20  # requests in the fixed-cost profile (at the shortest point with K=20)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="bench_out/bench.json", help="JSON report (a .md table is written beside it)"
     )
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--model", default="cpu-512x8", choices=list(MODELS))
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=list(MODELS),
+        help=f"random-weight model (default: cpu-512x8; with --sweep {SWEEP_MODEL}, the served ranker size)",
+    )
     p.add_argument(
         "--warm",
         type=int,
@@ -125,13 +156,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run the default policy with this attention backend, interleaved (an A/B)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the catalogue, stream and model")
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="rcllm always reuses (the engine's guard otherwise runs full prefill where reuse cannot pay)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the workloads: TTFT of full/prefix/rcllm/floor over item-block lengths x "
+        "candidates, and a profile of a short prompt's fixed cost",
+    )
+    p.add_argument(
+        "--sweep-tokens", type=int, nargs="+", default=list(SWEEP_TOKENS), help="item-block lengths to sweep"
+    )
+    p.add_argument(
+        "--sweep-candidates", type=int, nargs="+", default=list(SWEEP_CANDIDATES), help="candidate counts"
+    )
+    p.add_argument("--sweep-requests", type=int, default=12, help="timed requests per sweep point")
 
 
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(
         workloads=args.workloads,
-        model=args.model,
+        model=args.model or (SWEEP_MODEL if args.sweep else "cpu-512x8"),
         warm_samples={"reference": args.warm[0], "long_item": args.warm[1]},
         cold_samples={"reference": args.cold[0], "long_item": args.cold[1]},
         policy=args.policy,
@@ -142,5 +191,9 @@ def config_from_args(args) -> BenchConfig:
         attention=args.attention,
         ab_attention=args.ab_attention,
         threads=args.threads,
+        guard=not args.no_guard,
         stream=StreamConfig(seed=args.seed),
+        sweep=SweepConfig(tuple(args.sweep_tokens), tuple(args.sweep_candidates), args.sweep_requests)
+        if args.sweep
+        else None,
     )

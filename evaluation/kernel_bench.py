@@ -146,7 +146,7 @@ def run_case(methods: dict, case: tuple, dtype_name: str, reps: int, cuda: bool)
             if not entry["ok"]:
                 result[name] = entry
                 continue
-        entry["ms"] = median_ms(lambda: fn(*case), reps, cuda)
+        entry["ms"] = median_ms(lambda fn=fn: fn(*case), reps, cuda)
         result[name] = entry
     return result
 

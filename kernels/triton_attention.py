@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rcllm_sdk.errors import InvariantError
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -38,7 +40,7 @@ def _selective_attention_fwd(
     Q,
     K,
     V,
-    O,
+    Out,
     QPos,
     KPos,
     CuQ,
@@ -114,8 +116,8 @@ def _selective_attention_fwd(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc == 0 -> zeros
-    o_ptr = O + q_row[:, None] * stride_on + head[:, None] * stride_oh + dims[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptr = Out + q_row[:, None] * stride_on + head[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 _JITTED: dict[bool, object] = {}
@@ -158,7 +160,7 @@ def selective_attention_triton(
         ``[Nq, Hq, D]`` in ``q``'s dtype; zeros for a row that sees no key.
 
     Raises:
-        ValueError: an input has the wrong shape, dtype, device or offsets.
+        InvariantError: an input has the wrong shape, dtype, device or offsets.
         RuntimeError: CPU tensors while the Triton interpreter is off.
 
     ``cu_q`` and ``cu_k`` are read on the host (one device sync) to validate them and size the
@@ -239,21 +241,23 @@ def _check_inputs(q, k, v, q_pos, k_pos, cu_q, cu_k) -> None:
     named = {"q": q, "k": k, "v": v, "q_pos": q_pos, "k_pos": k_pos, "cu_q": cu_q, "cu_k": cu_k}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvariantError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {name: str(t.device) for name, t in named.items()}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"all inputs must be on one device, got {devices}")
+        raise InvariantError(f"all inputs must be on one device, got {devices}")
     _check_qkv(q, k, v)
     for name, t, n in (("q_pos", q_pos, q.shape[0]), ("k_pos", k_pos, k.shape[0])):
         if t.dtype not in _INDEX_DTYPES or t.shape != (n,):
-            raise ValueError(
+            raise InvariantError(
                 f"{name} must be an int32/int64 vector of length {n}, got {t.dtype} {tuple(t.shape)}"
             )
     for name, t in (("cu_q", cu_q), ("cu_k", cu_k)):
         if t.dtype not in _INDEX_DTYPES or t.dim() != 1 or t.shape[0] < 1:
-            raise ValueError(f"{name} must be a non-empty int32/int64 vector, got {t.dtype} {tuple(t.shape)}")
+            raise InvariantError(
+                f"{name} must be a non-empty int32/int64 vector, got {t.dtype} {tuple(t.shape)}"
+            )
     if cu_q.shape != cu_k.shape:
-        raise ValueError(
+        raise InvariantError(
             f"cu_q and cu_k must have the same length (B+1), got {cu_q.shape[0]} and {cu_k.shape[0]}"
         )
 
@@ -261,18 +265,18 @@ def _check_inputs(q, k, v, q_pos, k_pos, cu_q, cu_k) -> None:
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
-            raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+            raise InvariantError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise InvariantError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+        raise InvariantError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
     d = q.shape[2]
     if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+        raise InvariantError(f"head_dim must be a power of two in [16, 256], got {d}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+        raise InvariantError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
+        raise InvariantError(
             f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
 
@@ -294,7 +298,7 @@ def _read_offsets(n_q: int, k_pos: torch.Tensor, cu_q: torch.Tensor, cu_k: torch
             or bounds[-1] != total
             or any(b < a for a, b in zip(bounds, bounds[1:], strict=False))
         ):
-            raise ValueError(f"{name} must start at 0, never decrease and end at {total}, got {bounds}")
+            raise InvariantError(f"{name} must start at 0, never decrease and end at {total}, got {bounds}")
     return max(b - a for a, b in zip(bounds_q, bounds_q[1:], strict=False)) if len(
         bounds_q
     ) > 1 else 0, not host[-1]

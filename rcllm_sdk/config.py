@@ -38,6 +38,9 @@ class RecommenderConfig:
             over several nodes, see ``rcllm_sdk.cache.cluster``) or ``memory://``.
         attention: ``auto`` (Triton kernel on CUDA, torch elsewhere), ``torch`` or ``triton``.
         prefix_chunk: tokens per cached chunk in ``prefix`` mode (vLLM's block size is 16).
+        guard: in ``rcllm`` mode, run full prefill for a prompt too short for reuse to pay (a
+            cost model measured on the ranker when the engine first scores; the result says so:
+            ``mode`` "full", ``cache.fallback_full``). Off: always reuse.
     """
 
     candidates: int = 20
@@ -49,6 +52,7 @@ class RecommenderConfig:
     store: str = "local://"
     attention: str = "auto"
     prefix_chunk: int = 16
+    guard: bool = True
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -100,6 +104,10 @@ def _from_env() -> dict:
 
 def _coerce(cls, name: str, value):
     default = getattr(cls(), name)
+    if isinstance(default, bool) and isinstance(value, str):  # YAML/env text: bool("false") is True
+        if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"config {name}={value!r} is not a valid bool")
+        return value.strip().lower() in ("1", "true", "yes", "on")
     try:
         return type(default)(value)
     except (TypeError, ValueError) as exc:

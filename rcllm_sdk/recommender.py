@@ -64,6 +64,7 @@ class RcRecommender:
                 config.policy,
                 config.attention,
                 config.prefix_chunk,
+                guard=config.guard,
             )
 
     def with_config(self, **overrides) -> RcRecommender:
@@ -257,7 +258,7 @@ class RcRecommender:
                     [prompt.labels[i] for i in order],
                     ttft,
                     _ms_since(started),
-                    mode=self.config.mode,
+                    mode="full" if cache.fallback_full else self.config.mode,  # what ran
                     prompt_tokens=len(prompt.input_ids),
                     candidates=list(prompt.candidate_ids),
                     cache=cache,

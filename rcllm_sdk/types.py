@@ -16,6 +16,7 @@ class CacheStats:
     local_hits: int = 0  # hits served from this process's memory (the CPU tier)
     remote_bytes: int = 0  # KV bytes fetched from storage nodes
     nodes_touched: int = 0  # distinct storage nodes that served this request
+    fallback_full: bool = False  # rcllm ran full prefill: the prompt was too short for reuse to pay
 
 
 @dataclass(slots=True)

@@ -196,7 +196,9 @@ def all_blocks(prompts):
 def test_refresh_into_a_cluster_retries_and_reports_refused_writes():
     model, prompts = tiny_model("llama"), item_prompts(4)
     cluster = memory_cluster(replicas=1)
-    engine = BlockEngine(Ranker(model, None, None, "fp"), cluster, "block_head:2", backend="torch")
+    engine = BlockEngine(
+        Ranker(model, None, None, "fp"), cluster, "block_head:2", backend="torch", guard=False
+    )
     blocks = all_blocks(prompts)
     cluster.nodes[1].down = True  # writes to node 1 fail: reported, manifests not written
     first = refresh_blocks(engine, blocks, batch_blocks=4, progress=False, retries=1, retry_wait_s=0.01)
@@ -214,7 +216,9 @@ def test_refresh_into_a_cluster_retries_and_reports_refused_writes():
 def test_a_refresh_interrupted_half_way_is_finished_by_running_it_again(monkeypatch):
     model, prompts = tiny_model("llama"), item_prompts(4, seed=1)
     cluster = memory_cluster(replicas=1)
-    engine = BlockEngine(Ranker(model, None, None, "fp"), cluster, backend="torch")
+    engine = BlockEngine(
+        Ranker(model, None, None, "fp"), cluster, backend="torch", guard=False, hot_block_bytes=0
+    )
     blocks = all_blocks(prompts)
     real_put, calls = cluster.batched_put, []
 
@@ -242,9 +246,21 @@ def test_a_refresh_interrupted_half_way_is_finished_by_running_it_again(monkeypa
 def test_engine_reports_nodes_touched_remote_bytes_and_local_hits():
     model, prompts = tiny_model("llama"), item_prompts(1, seed=3)
     spaces = [uuid.uuid4().hex for _ in range(4)]
-    engine = BlockEngine(Ranker(model, None, None, "fp"), memory_cluster(spaces=spaces), backend="torch")
+    engine = BlockEngine(
+        Ranker(model, None, None, "fp"),
+        memory_cluster(spaces=spaces),
+        backend="torch",
+        guard=False,
+        hot_block_bytes=0,
+    )
     refresh_blocks(engine, all_blocks(prompts), progress=False)
-    reader = BlockEngine(Ranker(model, None, None, "fp"), memory_cluster(spaces=spaces), backend="torch")
+    reader = BlockEngine(
+        Ranker(model, None, None, "fp"),
+        memory_cluster(spaces=spaces),
+        backend="torch",
+        guard=False,
+        hot_block_bytes=0,
+    )
     _, (cold,) = rankings(reader, prompts)
     _, (warm,) = rankings(reader, prompts)
     shards = {reader.store.nodes_for(b.item_id)[0] for b in prompts[0].blocks if b.kind == "item"}
@@ -298,7 +314,9 @@ def test_a_node_killed_mid_stream_changes_no_ranking(servers):
     model, prompts = tiny_model("llama"), item_prompts(8, seed=5)
     namespace, victim = uuid.uuid4().hex[:16], servers[2]
     with server_cluster(servers, namespace) as store:
-        engine = BlockEngine(Ranker(model, None, None, "fp"), store, backend="torch")
+        engine = BlockEngine(
+            Ranker(model, None, None, "fp"), store, backend="torch", guard=False, hot_block_bytes=0
+        )
         refresh_blocks(engine, all_blocks(prompts), progress=False)
         reference, _ = rankings(engine, prompts)
     lost = [b for b in all_blocks(prompts) if b.kind == "item" and store.nodes_for(b.item_id)[0] == 2]
@@ -306,7 +324,9 @@ def test_a_node_killed_mid_stream_changes_no_ranking(servers):
     with open_store(victim.url, namespace, max_local_cpu_gb=0.03) as direct:
         stored = direct.get(lost[0].content_hash)  # what the dead node held, read before it dies
     with server_cluster(servers, namespace) as store:  # a fresh worker: its local tier is empty
-        engine = BlockEngine(Ranker(model, None, None, "fp"), store, backend="torch")
+        engine = BlockEngine(
+            Ranker(model, None, None, "fp"), store, backend="torch", guard=False, hot_block_bytes=0
+        )
         answered, stats = [], []
         for i, prompt in enumerate(prompts):
             if i == 3:
@@ -362,7 +382,9 @@ def test_a_block_corrupted_on_a_redis_node_is_rejected_and_recomputed(servers):
     redis_nodes = servers[3:]
     namespace = uuid.uuid4().hex[:16]
     with server_cluster(redis_nodes, namespace) as store:
-        engine = BlockEngine(Ranker(model, None, None, "fp"), store, backend="torch")
+        engine = BlockEngine(
+            Ranker(model, None, None, "fp"), store, backend="torch", guard=False, hot_block_bytes=0
+        )
         refresh_blocks(engine, all_blocks(prompts), progress=False)
         reference, _ = rankings(engine, prompts)
         user = next(b for b in prompts[0].blocks if b.kind == "user")
@@ -374,7 +396,9 @@ def test_a_block_corrupted_on_a_redis_node_is_rejected_and_recomputed(servers):
     client.close()
     with server_cluster(redis_nodes, namespace) as store:
         store.nodes[1].close()  # only the corrupt copy is reachable
-        engine = BlockEngine(Ranker(model, None, None, "fp"), store, backend="torch")
+        engine = BlockEngine(
+            Ranker(model, None, None, "fp"), store, backend="torch", guard=False, hot_block_bytes=0
+        )
         logits, caches = rankings(engine, prompts)
         assert store.node_stats()[redis_nodes[0].url].errors >= 1 and caches[0].misses >= 1
         for got, want in zip(logits, reference, strict=False):

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.kernels import attention, triton_attention
 from rcllm_sdk.kernels.attention import selective_attention, selective_attention_torch
 from rcllm_sdk.kernels.triton_attention import selective_attention_triton
@@ -276,7 +277,7 @@ def test_triton_backend_runs_the_kernel(monkeypatch):
 
 def test_unknown_backend_is_rejected():
     args, _ = exact_case("cpu")
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ConfigError, match="backend must be"):
         attention.selective_attention(*args, backend="cuda")
 
 

@@ -24,6 +24,7 @@ from rcllm_sdk.model.scoring import score_full
 from rcllm_sdk.prompt.renderer import Block, RenderedPrompt, block_hash
 from rcllm_sdk.runtime import blockkv
 from rcllm_sdk.runtime.engine import BlockEngine
+from rcllm_sdk.runtime.guard import CostModel, fit, prompt_shape
 from rcllm_sdk.runtime.model_view import ModelView, apply_rope, shift_keys
 from rcllm_sdk.runtime.policies import fresh_ranges, parse_policy
 from rcllm_sdk.runtime.runner import _most_deviating
@@ -85,8 +86,12 @@ def make_prompt(rng, fingerprint: str = "fp", items: int = 5) -> RenderedPrompt:
     return RenderedPrompt(tuple(blocks), tuple(range(items)), tuple("ABCDE"[:items]))
 
 
-def engine_for(model, policy="full", store=None) -> BlockEngine:
-    return BlockEngine(Ranker(model, None, None, "fp"), store or DictStore(), policy, backend="torch")
+def engine_for(model, policy="full", store=None, **options) -> BlockEngine:
+    """The runner under test: the guard off (it would send short prompts to the HF forward)."""
+    options.setdefault("guard", False)
+    return BlockEngine(
+        Ranker(model, None, None, "fp"), store or DictStore(), policy, backend="torch", **options
+    )
 
 
 def max_diff(scored, reference) -> float:
@@ -215,7 +220,7 @@ def test_a_bad_stored_block_is_recomputed_and_counted(case, caplog):
     model, rng = tiny_model("llama"), np.random.default_rng(4)
     prompt = make_prompt(rng)
     store = DictStore()
-    engine = engine_for(model, "block_head:2", store)
+    engine = engine_for(model, "block_head:2", store, hot_block_bytes=0)  # every score reads the store
     clean = engine.score([prompt], [LABELS])[0]
     engine.flush()
     item = next(b for b in prompt.blocks if b.kind == "item")
@@ -244,3 +249,92 @@ def test_the_causal_suffix_path_equals_the_scattered_path(start):
     fast = attend_one(q, k, v, q_pos, k_pos, 0.25)
     general = _scattered(q, k, v, q_pos, k_pos, 0.25, torch.float32)
     assert torch.allclose(fast, general, atol=1e-5)
+
+
+# ---- the reuse guard ---------------------------------------------------------------------------
+NEVER_PAYS = CostModel(0.0, 0.0, 1e9, 0.0, 0.0)
+ALWAYS_PAYS = CostModel(1e9, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_guard_runs_full_prefill_exactly_where_reuse_cannot_pay():
+    model, rng = tiny_model("llama"), np.random.default_rng(5)
+    short, long = make_prompt(rng, items=2), make_prompt(rng, items=5)
+    reference = score_full(model, [short.input_ids], [LABELS[:2]], 0)[0]
+    guarded = engine_for(model, "block_head:2", guard=NEVER_PAYS).score([short], [LABELS[:2]])[0]
+    assert torch.equal(guarded.logits, reference)  # the same forward as full mode: bit-identical
+    assert guarded.cache.fallback_full and guarded.cache.hits + guarded.cache.misses == 0
+    # a per-prompt decision: reuse pays for prompts with more than 60 tokens under this model
+    by_length = CostModel(0.0, 1.0, 60.0, 0.0, 0.0)
+    engine = engine_for(model, "none", guard=by_length)
+    out = engine.score([short, long], [LABELS[:2], LABELS])
+    assert short.text_length < 60 < long.text_length
+    assert torch.equal(out[0].logits, reference) and out[0].cache.fallback_full
+    assert not out[1].cache.fallback_full and out[1].cache.misses > 0
+    reused = engine_for(model, "none", guard=False).score([long], [LABELS])[0]
+    assert torch.equal(out[1].logits, reused.logits)
+
+
+def test_prompt_shape_and_the_fitted_cost_model():
+    kinds, lengths = ["system", "user", "label", "item", "label", "item", "query"], [6, 15, 2, 8, 2, 3, 5]
+    shape = prompt_shape(kinds, lengths, parse_policy("block_head:2"), layers=4)
+    assert (shape.tokens, shape.recomputed, shape.blocks) == (41, 2 + 2 + 2 + 2 + 2 + 5, 4)
+    dev = prompt_shape(kinds, lengths, parse_policy("deviation:0.5:1"), layers=4)
+    assert dev.recomputed == round((2 * 41 + 2 * (9 + 0.5 * 32)) / 4)
+    truth = CostModel(2.0, 0.05, 3.0, 0.1, 0.07)
+    full = [(t, truth.full_ms(t)) for t in (50, 200, 800)]
+    reuse = [(r, b, truth.reuse_ms(r, b)) for r, b in ((20, 10), (60, 40), (150, 30), (40, 90))]
+    fitted = fit(full, reuse)
+    for name, value in truth.to_dict().items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=1e-6, abs=1e-9)
+    assert fitted.reuse_pays(800, 60, 40) and not fitted.reuse_pays(50, 40, 10)
+
+
+def test_the_engine_calibrates_its_cost_model_once_on_first_score():
+    model, rng = tiny_model("llama"), np.random.default_rng(6)
+    engine = engine_for(model, "block_head:2", guard=True)
+    assert engine.cost_model is None
+    engine.score([make_prompt(rng)], [LABELS])
+    fitted = engine.cost_model
+    assert fitted is not None and all(v >= 0 for v in fitted.to_dict().values())
+    engine.score([make_prompt(rng)], [LABELS])
+    assert engine.cost_model is fitted
+
+
+# ---- the hot-block cache -----------------------------------------------------------------------
+def test_hot_blocks_serve_the_same_kv_and_never_a_rewritten_blocks_old_value():
+    from rcllm_sdk.runtime.refresh import refresh_blocks
+
+    model, rng = tiny_model("llama"), np.random.default_rng(7)
+    prompt = make_prompt(rng)
+    store = DictStore()
+    engine = engine_for(model, "none", store)
+    engine.score([prompt], [LABELS])
+    engine.flush()
+    cold = engine_for(model, "none", store, hot_block_bytes=0).score([prompt], [LABELS])[0]
+    hot = engine.score([prompt], [LABELS])[0]
+    assert len(engine.hot) == len(prompt.blocks) - 6 and torch.equal(hot.logits, cold.logits)
+    # a forced refresh rewrites an item block under its key (here with another model's KV)
+    other = engine_for(tiny_model("llama", seed=9), "none", store)
+    item = next(b for b in prompt.blocks if b.kind == "item")
+    system = prompt.blocks[0]
+    system_kv = other.compute([system], None)[system.content_hash]
+    store.values[item.content_hash] = blockkv.pack(
+        other.compute([item], system_kv)[item.content_hash], item.content_hash
+    )
+    engine.hot.discard([item.content_hash])  # what refresh_blocks(engine, force=True) does
+    changed = engine.score([prompt], [LABELS])[0]
+    assert not torch.equal(changed.logits, hot.logits)  # the new value is served
+    refresh_blocks(engine, [system, item], force=True, progress=False)  # rewrites the original value
+    assert torch.equal(engine.score([prompt], [LABELS])[0].logits, hot.logits)
+
+
+def test_hot_blocks_stay_within_their_bound():
+    from rcllm_sdk.runtime.hot_blocks import HotBlocks
+
+    hot = HotBlocks(max_bytes=3 * 4 * 10)
+    for key in range(5):
+        hot.put_many({key: torch.zeros(10)})  # 40 bytes each
+    assert len(hot) == 3 and hot.bytes == 120 and set(hot.get_many(list(range(5)))) == {2, 3, 4}
+    hot.get_many([2])  # 2 becomes the most recent
+    hot.put_many({9: torch.zeros(10)})
+    assert set(hot.get_many(list(range(10)))) == {2, 4, 9}

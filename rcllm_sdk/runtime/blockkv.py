@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvariantError
+
 HEADER_BYTES = 12  # 8 bytes of content hash + 4 bytes of token count
 
 
@@ -23,7 +25,7 @@ def pack(kv: torch.Tensor, content_hash: int) -> torch.Tensor:
     two, layers, tokens, heads, dim = kv.shape
     kv = kv.cpu()
     if heads * dim < HEADER_BYTES:
-        raise ValueError(f"kv width {heads * dim} is too small for the {HEADER_BYTES}-value header")
+        raise InvariantError(f"kv width {heads * dim} is too small for the {HEADER_BYTES}-value header")
     out = torch.zeros(two, layers, tokens + 1, heads * dim, dtype=kv.dtype)
     out[:, :, :tokens] = kv.reshape(two, layers, tokens, heads * dim)
     out[0, 0, tokens, :HEADER_BYTES] = torch.tensor(_header_values(content_hash, tokens), dtype=kv.dtype)

@@ -7,7 +7,7 @@ Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) share one la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class ModelView:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    tables: dict = field(default_factory=dict, compare=False)  # rotary tables by (dtype, device)
 
     @property
     def kv_width(self) -> int:
@@ -66,9 +67,21 @@ class ModelView:
         )
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own ``cos, sin`` for ``positions [n]``: ``[n, 1, head_dim]`` each."""
-        cos, sin = self.base.rotary_emb(like, positions[None, :])
-        return cos[0, :, None, :], sin[0, :, None, :]
+        """The model's own ``cos, sin`` for ``positions [n]``: ``[n, 1, head_dim]`` each, read from
+        a table the model's rotary module computed for positions ``0..size-1`` (each entry depends
+        on its own position only, so it equals computing the positions directly)."""
+        cos, sin = self._rope_table(int(positions.max()) + 1 if len(positions) else 1, like)
+        return cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def _rope_table(self, needed: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.dtype, str(like.device))
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            size = max(1024, 2 * needed)
+            cos, sin = self.base.rotary_emb(like, torch.arange(size, device=like.device)[None, :])
+            table = (cos[0], sin[0])  # [size, head_dim] each
+            self.tables[key] = table  # one assignment: a concurrent reader sees the old or the new table
+        return table
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,3 +106,29 @@ def shift_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) 
     emb = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, D]
     cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
     return keys * cos + rotate_half(keys) * sin
+
+
+class RopeTable:
+    """``cos, sin`` of whole-position shifts ``0..n`` (``[n+1, head_dim]``, from float64 angles as
+    :func:`shift_keys`), built once per dtype and device and grown when a larger shift comes."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``keys [..., T, heads, head_dim]`` rotated by ``delta [T]`` (non-negative ints) positions."""
+        cos, sin = self._table(int(delta.max()) if len(delta) else 0, keys.dtype, keys.device)
+        cos, sin = cos[delta][:, None, :], sin[delta][:, None, :]  # [T, 1, head_dim]
+        return keys * cos + rotate_half(keys) * sin
+
+    def _table(self, largest: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, str(device))
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] <= largest:
+            size = max(1024, 2 * largest + 1)
+            angles = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq.double().cpu()[None, :]
+            emb = torch.cat((angles, angles), dim=-1)  # [size, head_dim]
+            table = (emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype))
+            self._tables[key] = table  # one assignment: a concurrent reader sees the old or the new table
+        return table

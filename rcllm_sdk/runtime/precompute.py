@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from rcllm_sdk.kernels.attention import Attention
+
 from .model_view import ModelView
 from .runner import PackedBatch, run_selected
 
@@ -21,7 +23,7 @@ def empty_kv(view: ModelView, tokens: int) -> torch.Tensor:
     )
 
 
-def compute_system(view: ModelView, system_ids: list[int], backend: str = "auto") -> torch.Tensor:
+def compute_system(view: ModelView, system_ids: list[int], attention: Attention) -> torch.Tensor:
     """KV of the system block at positions ``0..S-1``: ``[2, L, S, kv_heads, head_dim]``."""
     n = len(system_ids)
     batch = PackedBatch(
@@ -33,7 +35,7 @@ def compute_system(view: ModelView, system_ids: list[int], backend: str = "auto"
         torch.tensor([0, n]),
         torch.ones(n, dtype=torch.bool),
     )
-    run_selected(view, batch.to(view.device), backend=backend)
+    run_selected(view, batch.to(view.device), attention)
     return batch.kv
 
 
@@ -41,13 +43,13 @@ def compute_blocks(
     view: ModelView,
     system_kv: torch.Tensor,
     blocks: list[list[int]],
+    attention: Attention,
     max_tokens: int = 8192,
-    backend: str = "auto",
 ) -> list[torch.Tensor]:
     """Canonical KV of many blocks, packed several per forward: ``[2, L, T_b, kv_heads, head_dim]`` each."""
     out: list[torch.Tensor] = []
     for group in _groups(blocks, system_kv.shape[2], max_tokens):
-        out.extend(_compute_group(view, system_kv, group, backend))
+        out.extend(_compute_group(view, system_kv, group, attention))
     return out
 
 
@@ -64,7 +66,7 @@ def _groups(blocks: list[list[int]], system_len: int, max_tokens: int):
         yield group
 
 
-def _compute_group(view: ModelView, system_kv: torch.Tensor, group: list[list[int]], backend: str):
+def _compute_group(view: ModelView, system_kv: torch.Tensor, group: list[list[int]], attention: Attention):
     s = system_kv.shape[2]
     kv = torch.cat([piece for ids in group for piece in (system_kv, empty_kv(view, len(ids)))], dim=2)
     lengths = [s + len(ids) for ids in group]
@@ -80,7 +82,7 @@ def _compute_group(view: ModelView, system_kv: torch.Tensor, group: list[list[in
         PackedBatch(
             kv, positions, token_ids, cu_k, selected, cu_q, torch.ones(len(selected), dtype=torch.bool)
         ).to(view.device),
-        backend=backend,
+        attention,
     )
     return [
         kv[:, :, int(start) + s : int(end)].clone() for start, end in zip(cu_k[:-1], cu_k[1:], strict=False)

@@ -7,6 +7,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from ..errors import InvariantError
 from ..prompt.renderer import SYSTEM, Block
 from . import blockkv
 from .engine import BlockEngine
@@ -38,7 +39,7 @@ def refresh_blocks(
     unique = list({b.content_hash: b for b in blocks}.values())
     systems = [b for b in unique if b.kind == SYSTEM]
     if len(systems) != 1:
-        raise ValueError(f"refresh needs exactly one system block, got {len(systems)}")
+        raise InvariantError(f"refresh needs exactly one system block, got {len(systems)}")
     store = engine.store
     present = (
         [False] * len(unique)
@@ -46,6 +47,7 @@ def refresh_blocks(
         else store.batched_stored([b.content_hash for b in unique], placement=[b.item_id for b in unique])
     )
     todo = [b for b, stored in zip(unique, present, strict=False) if not stored]
+    engine.hot.discard([b.content_hash for b in todo])  # rewritten below: never serve the old value
     system_kv = engine.compute(systems, None)[systems[0].content_hash]
     tokens, failed = 0, []
     bar = tqdm(total=len(todo), desc="refresh blocks", unit="block", disable=not progress)

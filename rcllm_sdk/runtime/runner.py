@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcllm_sdk.kernels.attention import selective_attention
+from rcllm_sdk.kernels.attention import Attention, AttentionPlan
 
 from .model_view import ModelView, apply_rope
 
@@ -69,46 +69,66 @@ class Narrowing:
     check_layer: int
 
 
+@dataclass(slots=True)
+class ForwardContext:
+    """What every layer of one partial prefill shares, built once per forward.
+
+    Attributes:
+        kv: ``[2, layers, N, kv_heads, head_dim]`` assembled cache, written at selected rows.
+        selected: ``[n]`` rows of ``kv`` being computed.
+        cos, sin: ``[n, 1, head_dim]`` rotary tables at the selected rows' positions.
+        pinned: ``[n]`` bool, rows a narrowing policy must keep.
+        attention: the backend the engine chose; ``plan`` its positions and offsets
+            (``q_pos [n]``, ``k_pos [N]``, ``cu_q``/``cu_k [B+1]``).
+    """
+
+    kv: torch.Tensor
+    selected: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pinned: torch.Tensor
+    attention: Attention
+    plan: AttentionPlan
+
+    @classmethod
+    def of(cls, view: ModelView, batch: PackedBatch, attention: Attention, like: torch.Tensor):
+        q_pos = batch.positions[batch.selected]  # [n]
+        cos, sin = view.rope(q_pos, like)
+        plan = attention.plan(q_pos, batch.positions, batch.cu_q, batch.cu_k)
+        return cls(batch.kv, batch.selected, cos, sin, batch.pinned, attention, plan)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Narrow to ``rows`` (ascending indices into the current selected rows) and re-plan."""
+        p = self.plan
+        self.selected, self.cos, self.sin, self.pinned = (
+            t[rows] for t in (self.selected, self.cos, self.sin, self.pinned)
+        )
+        self.plan = self.attention.plan(p.q_pos[rows], p.k_pos, torch.searchsorted(rows, p.cu_q), p.cu_k)
+
+
 @torch.inference_mode()
 def run_selected(
-    view: ModelView, batch: PackedBatch, narrowing: Narrowing | None = None, backend: str = "auto"
+    view: ModelView, batch: PackedBatch, attention: Attention, narrowing: Narrowing | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden state of the last selected row of every request, ``[B, hidden]``,
     and the number of selected rows per request that ran every layer, ``[B]``."""
-    kv, selected, cu_q, pinned = batch.kv, batch.selected, batch.cu_q, batch.pinned
-    hidden = view.base.embed_tokens(batch.token_ids[selected])
-    positions = batch.positions[selected]
-    cos, sin = view.rope(positions, hidden)
+    hidden = view.base.embed_tokens(batch.token_ids[batch.selected])  # [n, hidden]
+    ctx = ForwardContext.of(view, batch, attention, hidden)
     for index, layer in enumerate(view.layers):
-        check = narrowing is not None and index == narrowing.check_layer
-        hidden, deviation = _layer(
-            view, layer, index, hidden, kv, batch, selected, positions, cos, sin, cu_q, backend, measure=check
-        )
-        if check:
-            keep = _most_deviating(deviation, pinned, cu_q, narrowing.ratio)
-            hidden, selected, positions, cos, sin, pinned = (
-                t[keep] for t in (hidden, selected, positions, cos, sin, pinned)
-            )
-            cu_q = _offsets(keep, cu_q)
-    last = cu_q[1:] - 1
-    return view.base.norm(hidden[last]), cu_q[1:] - cu_q[:-1]
+        if narrowing is not None and index == narrowing.check_layer:
+            hidden, deviation = _layer(view, layer, index, hidden, ctx, measure=True)
+            rows = _most_deviating(deviation, ctx.pinned, ctx.plan.cu_q, narrowing.ratio)
+            hidden = hidden[rows]
+            ctx.keep(rows)
+        else:
+            hidden, _ = _layer(view, layer, index, hidden, ctx)
+    cu_q = ctx.plan.cu_q
+    return view.base.norm(hidden[cu_q[1:] - 1]), cu_q[1:] - cu_q[:-1]
 
 
-def _layer(
-    view: ModelView,
-    layer,
-    index: int,
-    hidden,
-    kv,
-    batch: PackedBatch,
-    selected,
-    positions,
-    cos,
-    sin,
-    cu_q,
-    backend: str,
-    measure: bool,
-):
+def _layer(view: ModelView, layer, index: int, hidden: torch.Tensor, ctx: ForwardContext, measure=False):
+    """One decoder layer over the selected rows: ``hidden [n, hidden]`` -> ``[n, hidden]``, and
+    with ``measure`` each row's squared K/V deviation from the cache (``[n]``)."""
     attn, n = layer.self_attn, hidden.shape[0]
     x = layer.input_layernorm(hidden)
     q = attn.q_proj(x).view(n, view.n_heads, view.head_dim)
@@ -116,25 +136,16 @@ def _layer(
     v = attn.v_proj(x).view(n, view.n_kv_heads, view.head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    keys, values = ctx.kv[0, index], ctx.kv[1, index]  # [N, kv_heads, head_dim]
     deviation = None
     if measure:
-        deviation = (k - kv[0, index, selected]).float().square().sum((1, 2)) + (
-            v - kv[1, index, selected]
+        deviation = (k - keys[ctx.selected]).float().square().sum((1, 2)) + (
+            v - values[ctx.selected]
         ).float().square().sum((1, 2))
-    kv[0, index, selected] = k
-    kv[1, index, selected] = v
-    out = selective_attention(
-        q,
-        kv[0, index],
-        kv[1, index],
-        positions,
-        batch.positions,
-        cu_q,
-        batch.cu_k,
-        attn.scaling,
-        backend=backend,
-    )
+    keys[ctx.selected] = k
+    values[ctx.selected] = v
+    out = ctx.attention.attend(ctx.plan, q, keys, values, attn.scaling)  # [n, heads, head_dim]
     hidden = hidden + attn.o_proj(out.reshape(n, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, deviation
@@ -152,8 +163,3 @@ def _most_deviating(
         if count:
             keep[free[torch.topk(deviation[free], count).indices]] = True
     return torch.nonzero(keep).flatten()
-
-
-def _offsets(kept_rows: torch.Tensor, cu_q: torch.Tensor) -> torch.Tensor:
-    """New ``cu_q`` after keeping ``kept_rows`` (ascending) of the old rows."""
-    return torch.searchsorted(kept_rows, cu_q)

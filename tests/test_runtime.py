@@ -280,7 +280,7 @@ def test_prompt_shape_and_the_fitted_cost_model():
     assert (shape.tokens, shape.recomputed, shape.blocks) == (41, 2 + 2 + 2 + 2 + 2 + 5, 4)
     dev = prompt_shape(kinds, lengths, parse_policy("deviation:0.5:1"), layers=4)
     assert dev.recomputed == round((2 * 41 + 2 * (9 + 0.5 * 32)) / 4)
-    truth = CostModel(2.0, 0.05, 3.0, 0.1, 0.07)
+    truth = CostModel(2.0, 0.05, 3.0, 0.1, 0.05)  # a recomputed token costs what a prompt token does
     full = [(t, truth.full_ms(t)) for t in (50, 200, 800)]
     reuse = [(r, b, truth.reuse_ms(r, b)) for r, b in ((20, 10), (60, 40), (150, 30), (40, 90))]
     fitted = fit(full, reuse)

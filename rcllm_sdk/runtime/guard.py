@@ -2,10 +2,11 @@
 
 Full prefill costs a fixed part per request plus a part per prompt token. Reuse costs its own
 fixed part (store round trip, planning, the per-layer path), a part per cached block (fetch,
-unpack, copy, re-rotation) and a part per recomputed token. The engine runs full prefill for a
-prompt whose predicted reuse time is not below its predicted full time (``reuse_pays``). The
-coefficients are fitted from timings (``fit``; ``runtime.calibrate`` measures them on the
-engine's own model when it first scores), never set by hand.
+unpack, copy, re-rotation) and, per recomputed token, what full prefill pays per token. The
+engine runs full prefill for a prompt whose predicted reuse time is not below its predicted
+full time (``reuse_pays``). The coefficients are fitted from timings (``fit``;
+``runtime.calibrate`` measures them on the engine's own model when it first scores), never
+set by hand.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def prompt_shape(kinds: list[str], lengths: list[int], policy: Policy, layers: i
 
 
 def fit(full: list[tuple[int, float]], reuse: list[tuple[int, int, float]]) -> CostModel:
-    """Least-squares fit of ``full``: ``(tokens, ms)`` and ``reuse``: ``(recomputed, blocks, ms)``
-    samples (at least two distinct shapes each); coefficients are clamped at zero."""
-    full_fixed, full_token = _line([t for t, _ in full], [ms for _, ms in full])
-    rows = [(1.0, float(b), float(r)) for r, b, _ in reuse]
-    fixed, block, token = _least_squares(rows, [ms for _, _, ms in reuse])
-    return CostModel(full_fixed, full_token, fixed, block, token)
+    """Fit ``full``: ``(tokens, ms)`` and ``reuse``: ``(recomputed, blocks, ms)`` samples (two
+    distinct shapes each at least). A recomputed token runs the same layers as a prompt token
+    in full prefill, so both share the per-token cost of the full line; reuse's fixed and
+    per-block parts are fitted to what is left. Least squares, coefficients clamped at zero."""
+    full_fixed, token = _line([t for t, _ in full], [ms for _, ms in full])
+    rows = [(1.0, float(b)) for _, b, _ in reuse]
+    fixed, block = _least_squares(rows, [ms - token * r for r, _, ms in reuse])
+    return CostModel(full_fixed, token, fixed, block, token)
 
 
 def _line(x: list[float], y: list[float]) -> tuple[float, float]:

@@ -7,7 +7,23 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class CacheStats:
-    """Per-request KV-cache figures (all zero in ``full`` mode, which reuses nothing)."""
+    """Per-request KV-cache figures (all zero in ``full`` mode, which reuses nothing).
+
+    Attributes:
+        hits: cacheable blocks (``rcllm``) or prefix chunks (``prefix``) read from the store.
+        misses: those computed instead (and written back); a stored value that fails its
+            header check counts as a miss.
+        recomputed_fraction: share of the prompt's tokens computed in this request.
+        kv_bytes_read: KV bytes read from the store.
+        local_hits: hits served from this process's CPU tier (multi-node stores).
+        remote_bytes: KV bytes fetched from storage nodes (multi-node stores).
+        nodes_touched: distinct storage nodes that served this request (multi-node stores).
+        fallback_full: ``rcllm`` ran full prefill because the prompt was too short for reuse to pay.
+
+    Example:
+        >>> c = rec.recommend(user_id=1).cache
+        >>> c.hits, c.misses, f"{c.recomputed_fraction:.0%}"
+    """
 
     hits: int = 0
     misses: int = 0
@@ -27,10 +43,18 @@ class Recommendation:
         item_ids: best first, ``k`` of them.
         scores: the ranker's label logits for those items (popularity rank for cold start).
         labels: the prompt labels the items carried (empty for cold start).
+        user_id: the user ranked for.
         ttft_ms: prompt tokens in -> label logits out.
         e2e_ms: ``recommend`` call -> result (features and retrieval included).
+        mode: ``rcllm``, ``prefix`` or ``full``: how the prompt was computed.
         source: ``ranker`` or ``popularity`` (cold-start fallback).
+        prompt_tokens: length of the rendered prompt (0 for cold start).
         candidates: what the ranker saw, in the retriever's order (empty for cold start).
+        cache: what the KV cache did for this request (:class:`CacheStats`).
+
+    Example:
+        >>> r = rec.recommend(user_id=1, k=5)
+        >>> list(zip(r.item_ids, r.scores)), r.mode, r.ttft_ms
     """
 
     user_id: int

@@ -3,8 +3,8 @@
 Synthetic prompts (random token ids, the template's block layout: system, user, label/item
 pairs, query) are scored in full prefill and by reuse at a few sizes, their blocks held in a
 private in-process store (the engine's store is never touched; a remote store's latency is
-not in the model). Each shape is timed a few times, interleaved, and the median kept; then
-``guard.fit`` solves for the coefficients.
+not in the model). Each shape is timed a few times, interleaved, and the fastest kept (the
+run least disturbed by other load); then ``guard.fit`` solves for the coefficients.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _fit(probe, prompts, repeats: int) -> CostModel:
         for p, _ in prompts
     ]
     return fit(
-        [(s.tokens, float(np.median(full[i]))) for i, s in enumerate(shapes)],
-        [(s.recomputed, s.blocks, float(np.median(reuse[i]))) for i, s in enumerate(shapes)],
+        [(s.tokens, float(np.min(full[i]))) for i, s in enumerate(shapes)],
+        [(s.recomputed, s.blocks, float(np.min(reuse[i]))) for i, s in enumerate(shapes)],
     )
 
 

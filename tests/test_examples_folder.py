@@ -54,6 +54,8 @@ def test_quickstart_prints_a_ranking_and_its_check_against_full_prefill(trained_
     items = re.search(r"items: \[([\d, ]+)\] scores: \[([-\d., ]+)\]", out)
     assert items and len(items.group(1).split(",")) == len(items.group(2).split(",")) == 4
     assert re.search(r"mode rcllm, TTFT [\d.]+ ms, recomputed \d+%", out)
+    warm = re.search(r"cold TTFT [\d.]+ ms, warm: (\d+) blocks read, (\d+) computed", out)
+    assert warm and int(warm.group(1)) > 0 and warm.group(2) == "0"
     assert re.search(r"same ranking as full prefill: (True|False)", out)
 
 

@@ -16,8 +16,8 @@ class RetrieverConfig:
     """Blend weights of the retriever's three signals; one configuration everywhere.
 
     ``decay`` and ``w_similarity`` were chosen on validation users of the synthetic default,
-    MovieLens-100K and MovieLens-1M together (``python -m research.retriever_grid``;
-    README, "Measured: accuracy vs the retriever"); until 2026-11-29 they were 0.6 and 0.3.
+    MovieLens-100K and MovieLens-1M together (``python -m research.retriever_grid``); until
+    2026-11-29 they were 0.6 and 0.3.
     """
 
     recent: int = 5  # how many of the last history items drive the transition score

@@ -3,7 +3,7 @@
 A ranker reads its answer from label logits, so it needs a *binding* circuit: a positional
 head that writes each candidate's label into the candidate's item tokens, and a later head that
 matches the query against those items and copies the label. Gradient descent from a random
-start finds neither on CPU budgets (README, "What the ranker learns"). These functions start a
+start finds neither on CPU budgets (NOTEBOOK.md, "What the ranker learns"). These functions start a
 model closer to that circuit; training still learns everything (no weight is frozen).
 
 - :func:`mimetic_init`: later layers start as content matchers (``W_q = W_k``).
@@ -25,7 +25,7 @@ def mimetic_init(model, scale: float, seed: int = 0) -> None:
     KV head's projection (``W_q = W_k = scale * P``, ``P`` orthonormal rows), so a token attends most to
     tokens whose embedding matches its own (after RoPE, at short range). Layer 0 keeps the default
     init: it has to learn positional heads (label -> item binding). After Trockman & Kolter,
-    "Mimetic Initialization of Self-Attention Layers" (2023). Measured effect: README."""
+    "Mimetic Initialization of Self-Attention Layers" (2023). Measured effect: NOTEBOOK.md."""
     gen = torch.Generator().manual_seed(seed + 1)
     for layer in model.model.layers[1:]:
         attn = layer.self_attn

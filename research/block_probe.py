@@ -2,7 +2,7 @@
 keep its accuracy when blocks are reused and only a few tokens recomputed, with and without
 block-aware training?
 
-The recommender's ranker here does not read content yet (README, "What the ranker learns"),
+The recommender's ranker here does not read content yet (NOTEBOOK.md, "What the ranker learns"),
 so it cannot show what reuse costs. This probe trains three small Llama models from scratch on
 the smallest task that needs the same circuit, in the same block layout the server uses:
 

@@ -44,12 +44,12 @@ auxiliary losses of :func:`binding_losses` (``bind_layer``: read the binding aft
 later layer can use it). Round 3: the *lookup* task (:func:`lookup_batch`) appends item tokens
 naming candidates to a prompt, each an isolated query that must predict its candidate's label (round
 3 as first run appended (item token, label) pairs that saw each other, and the model learned to copy
-answers from earlier pairs instead: README); ``pretrain`` is the fraction of training spent on it
+answers from earlier pairs instead: NOTEBOOK.md); ``pretrain`` is the fraction of training spent on it
 alone; ``mimetic`` starts the attention of layers >= 1 as content matchers, ``label_head`` starts
 layer 0 as the label-binding head (``attention_init``), ``theta`` is the RoPE base, ``item_scale``
 weighs the co-occurrence part of item-token embeddings, ``seed`` varies init and sampling. Round 4:
 the label head, several seeds. Round 5: ``recall_last`` ends each prompt with the user's last item token
-(the ranking is read there). Measured results: README, "What the ranker learns"; on CPU, e.g.
+(the ranking is read there). Measured results: NOTEBOOK.md, "What the ranker learns"; on CPU, e.g.
 ``worker --name x --config '{"size": "micro", "steps": 3000, ...}' --budget 1 ...``.
 """
 
@@ -704,7 +704,7 @@ def content_lm_headroom(
     users, the same generator). Test users' candidates are then scored as in :func:`item_lm_headroom`.
     ``transitions`` ("category" or "both"; "none": off) adds to each item's input whether it stayed in
     the previous item's category and ("both") whether it is the previous item's next part: comparisons
-    of adjacent items' content that the model does not learn to make itself (README, "Round 9"). A
+    of adjacent items' content that the model does not learn to make itself (NOTEBOOK.md, "Round 9"). A
     diagnostic, not a served ranker."""
     import polars as pl
 

@@ -1,6 +1,6 @@
 """A deterministic synthetic catalogue and interaction log whose next item follows from content.
 
-Mechanism (documented in the README, "Synthetic data"):
+Mechanism (documented in docs/data-and-feast.md):
 
 * Items belong to one of ``n_categories`` categories and to a *series* inside it
   (``"<Series> Part N"``); each category has its own vocabulary for titles and descriptions.

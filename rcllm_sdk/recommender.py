@@ -162,8 +162,8 @@ class RcRecommender:
     def recommend_batch(self, user_ids: list[int], k: int = 10) -> list[Recommendation]:
         """Top-``k`` items for each of several users.
 
-        Prompts are rendered together (one Feast read for all their items) and scored
-        ``config.batch_size`` at a time in one forward each. With ``cold_start="popular"``,
+        Users are served ``config.batch_size`` at a time: one Feast read for the items of
+        their prompts, then one forward for all of them. With ``cold_start="popular"``,
         unknown users and users without history get the most popular items
         (``source="popularity"``).
 

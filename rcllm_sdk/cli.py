@@ -362,7 +362,12 @@ def _train_args(p, demo: bool = False) -> None:
 # The demo's training: the content item LM sized for a few minutes on 2 cores, with candidate blocks
 # long enough (24 description words) that reusing their KV pays.
 DEMO_TRAINING = dict(
-    recipe="item-lm", item_features="content", size="micro", steps=600, pretrain_worlds=4, item_text_words=24
+    recipe="item-lm",
+    item_features="content",
+    size="micro",
+    steps=400,
+    pretrain_worlds=4,
+    item_text_words=24,
 )
 
 
@@ -427,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the report JSON here")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("refresh", help="precompute item and active-user block KV into the store")
-    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
     p.add_argument("--model", help="HF folder or MLflow URI (default <repo>/data/ranker)")
     p.add_argument(
         "--store",
@@ -442,12 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "place", help="shard map of the item blocks: balanced clusters of the Feast item embeddings"
     )
-    p.add_argument("--repo", default=DEMO_REPO)
+    p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
     p.add_argument(
         "--out", required=True, help="shard map JSON (an existing one is updated: new items, re-balance)"
     )
     p.add_argument("--shards", type=int, help="shard count (default 8 for a new map, else the map's own)")
-    p.add_argument("--method", choices=["similarity", "hash"], default="similarity")
+    p.add_argument(
+        "--method",
+        choices=["similarity", "hash"],
+        default="similarity",
+        help="similarity (default): balanced clusters of item embeddings; hash: items spread by id",
+    )
     p.add_argument("--new", action="store_true", help="build a new map instead of updating the one at --out")
     p.set_defaults(func=cmd_place)
     p = sub.add_parser("bench", help="TTFT of full / prefix / rcllm on the reference and long_item workloads")
@@ -465,11 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="ingest synthetic data, train the content item LM, recommend, evaluate accuracy and warm "
-        "TTFT of full / prefix / rcllm (about 5 minutes on 2 cores)",
+        "TTFT of full / prefix / rcllm (a few minutes on 2 cores)",
+        description="The demo trains with --recipe item-lm --item-features content --size micro --steps 400 "
+        "--pretrain-worlds 4 --item-text-words 24 unless those flags are given (the defaults listed below "
+        "are rcllm train's).",
     )
     _data_args(p, 600, 400)
     _train_args(p)
-    _evaluate_args(p, timing_samples=200)
+    _evaluate_args(p, timing_samples=100)
     p.set_defaults(**DEMO_TRAINING)
     _repo_args(p)
     p.add_argument("--eval-out", help="report JSON (default <repo>/data/demo_evaluation.json)")

@@ -97,7 +97,13 @@ def test_evaluate_writes_the_report(trained_repo, tmp_path):
             assert metric in entry["in_candidates"]
     assert full["recall@10"] <= retr["in_candidates"]["users"] / saved["users"] + 1e-9
     assert full["ttft_ms_p50"] > 0 and "ttft_ms_p99" not in full  # p99 needs >= 100 samples
-    assert all(saved["results"][m]["timing_samples"] == 5 for m in ("full", "prefix", "rcllm"))
+    timed = {m: saved["results"][m] for m in ("full", "prefix", "rcllm")}
+    assert all(entry["timing_samples"] == 5 for entry in timed.values())
+    # Every timed prompt is new to its engine: prefix finds the system and history prefix, not the
+    # whole prompt; rcllm finds every block and computes only its policy's tokens, labels and query.
+    computed = {m: entry["timing_computed_fraction"] for m, entry in timed.items()}
+    assert computed["full"] == 1.0 and 0.3 < computed["prefix"] < 1.0
+    assert computed["rcllm"] < computed["prefix"]
     schema = json.loads(
         (Path(__file__).parents[1] / "evaluation" / "schemas" / "evaluate.schema.json").read_text()
     )

@@ -71,3 +71,19 @@ def test_item_features_are_chosen_per_catalogue_and_explicit_flags_win():
 def test_the_verbalizer_record_keeps_its_own_flat_keys():
     record = TrainConfig.resolve(recipe="verbalizer", block_aware=True).for_catalogue(10, 10).record()
     assert record["block_aware"] is True and record["size"] == "small" and "item_lm_window" not in record
+
+
+def test_every_flag_of_the_product_commands_has_a_help_text():
+    import argparse
+
+    from rcllm_sdk.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    missing = [
+        (name, action.option_strings)
+        for name in ("ingest", "train", "recommend", "evaluate", "refresh", "place", "demo")
+        for action in commands[name]._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert not missing
+    assert "Round" not in commands["train"].format_help() and "README" not in commands["train"].format_help()

@@ -136,7 +136,9 @@ def evaluate(model, cfg: ProbeConfig) -> dict:
     scores = score_full(model, [p.input_ids for p in prompts], labels, pad_id=0)
     out = {"hf_forward": {"accuracy": _accuracy(scores, targets), "recompute_fraction": 1.0}}
     with open_store("memory://", "probe") as store:
-        engine = BlockEngine(Ranker(model, None, None, "probe"), store, backend="torch")
+        engine = BlockEngine(
+            Ranker(model, None, None, "probe"), store, backend="torch", guard=False
+        )  # measures reuse itself
         for policy in POLICIES:
             chunks = [list(prompts[start : start + 50]) for start in range(0, len(prompts), 50)]
             scored = [

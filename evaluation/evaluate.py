@@ -41,7 +41,9 @@ class EvaluateConfig:
         path: the source's folder (movielens, csv).
         out: report JSON path (None: not written).
         model: evaluate this model (HF folder or MLflow URI) instead of training one.
-        repo: feature repo; ingested into when ``source`` is given (None: a temporary folder).
+        repo: feature repo; ingested into when ``source`` is given (None: a temporary folder). A
+            ranker trained here goes to ``<repo>/data/evaluated_ranker``, so the served
+            ``<repo>/data/ranker`` is left as it was.
         train: training settings when a ranker is trained (None: ``TrainConfig.resolve()``).
         synthetic: ``SyntheticConfig`` of the synthetic source.
         retriever: the blend ingestion fits (None: ``RetrieverConfig()``).
@@ -102,7 +104,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         )
     model, training = config.model, None
     if model is None:
-        model, training = _train(repo, config.train, config.progress)
+        out_dir = repo / "data" / ("evaluated_ranker" if config.repo else "ranker")  # never the served one
+        model, training = _train(repo, out_dir, config.train, config.progress)
     rec = RcRecommender.from_feature_store(repo, model=model, candidates=config.candidates, mode="full")
     truth = _test_truth(repo, config.max_users)
     users = sorted(truth)
@@ -220,10 +223,10 @@ def _agreement(ranked: Ranked, full: Ranked) -> dict:
     return out
 
 
-def _train(repo: Path, train_config, progress: bool) -> tuple[str, dict]:
+def _train(repo: Path, out_dir: Path, train_config, progress: bool) -> tuple[str, dict]:
     from rcllm_sdk.pipelines.run import train_from_repo
 
-    result = train_from_repo(repo, config=train_config, progress=progress)
+    result = train_from_repo(repo, out_dir, config=train_config, progress=progress)
     return str(result["model_dir"]), result["summary"]
 
 

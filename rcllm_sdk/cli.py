@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repo",
         help="feature repo: with --source, ingest into it (default: a temporary folder); without, "
-        "evaluate it as ingested",
+        "evaluate it as ingested. A ranker trained here is saved to <repo>/data/evaluated_ranker",
     )
     p.add_argument("--out", help="write the report JSON here")
     p.set_defaults(func=cmd_evaluate)

@@ -15,9 +15,7 @@ from ..errors import ConfigError
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
-NEXT_MARKER = (
-    "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm/)
-)
+NEXT_MARKER = "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm/)
 # Relation markers (``PromptTemplate.relation_markers``): special tokens opening a history line,
 # saying how its item follows the line before it, read off the titles and categories the prompt shows.
 SEQUEL_MARKER = "<sequel>"  # the next part of the previous item's series ("Name Part 2" after "Name Part 1")

@@ -120,7 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="bench_out/bench.json", help="JSON report (a .md table is written beside it)"
     )
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        default=list(WORKLOADS),
+        choices=list(WORKLOADS),
+        help="reference: 20 candidates of ~64 tokens; long_item: 50 of ~128",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -144,11 +150,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="timed cold-cache requests per workload",
     )
     p.add_argument("--policy", default=DEFAULT_POLICY, help="the rcllm policy the ratios are quoted for")
-    p.add_argument("--other-policies", nargs="*", default=list(OTHER_POLICIES))
+    p.add_argument(
+        "--other-policies",
+        nargs="*",
+        default=list(OTHER_POLICIES),
+        help="more rcllm policies to time beside it",
+    )
     p.add_argument("--store", default="local://", help="block store URL shared by prefix and rcllm")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention backend (auto: Triton on CUDA, torch elsewhere)",
+    )
     p.add_argument(
         "--ab-attention",
         default="",

@@ -107,6 +107,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         out_dir = repo / "data" / ("evaluated_ranker" if config.repo else "ranker")  # never the served one
         model, training = _train(repo, out_dir, config.train, config.progress)
     rec = RcRecommender.from_feature_store(repo, model=model, candidates=config.candidates, mode="full")
+    training = training or getattr(rec.ranker, "training", None)  # a given model's own training record
     truth = _test_truth(repo, config.max_users)
     users = sorted(truth)
     full = _ranks(rec, users, truth, config.candidates, config.progress)

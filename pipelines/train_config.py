@@ -198,6 +198,8 @@ class TrainConfig:
             features, choice = choose_item_features(interactions, items)
         defaults = FEATURE_DEFAULTS[features]
         worlds = self.content.pretrain_worlds
+        if features == "id" and worlds:  # only reachable with auto: id embeddings do not transfer
+            choice, worlds = f"{choice}; pretrain_worlds={worlds} not used by id features", 0
         worlds = defaults["pretrain_worlds"] if worlds is None else worlds
         patience = self.item_lm.patience
         if patience is None:

@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="ingest synthetic data, train the content item LM, recommend, evaluate accuracy and warm "
         "TTFT of full / prefix / rcllm (a few minutes on 2 cores)",
-        description="The demo trains with --recipe item-lm --item-features content --size micro --steps 400 "
+        description="The demo trains with --recipe item-lm --size micro --steps 400 "
         "--pretrain-worlds 4 --item-text-words 24 unless those flags are given (the defaults listed below "
         "are rcllm train's).",
     )

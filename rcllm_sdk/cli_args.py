@@ -171,11 +171,11 @@ def _train_args(p, demo: bool = False) -> None:
     )
 
 
-# The demo's training: the content item LM sized for a few minutes on 2 cores, with candidate blocks
+# The demo's training: the item LM (the demo's catalogue is sparse, so the per-catalogue rule picks
+# content item features) sized for a few minutes on 2 cores, with candidate blocks
 # long enough (24 description words) that reusing their KV pays.
 DEMO_TRAINING = dict(
     recipe="item-lm",
-    item_features="content",
     size="micro",
     steps=400,
     pretrain_worlds=4,

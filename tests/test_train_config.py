@@ -63,6 +63,8 @@ def test_item_features_are_chosen_per_catalogue_and_explicit_flags_win():
     given = TrainConfig.resolve(item_features="content", pretrain_worlds=0, steps=5).for_catalogue(10**7, 10)
     assert (given.item_lm.features, given.content.pretrain_worlds, given.steps) == ("content", 0, 5)
     assert given.item_lm.patience == 3 and "given" in given.choice  # no worlds: early stopping stays on
+    dense_with_worlds = TrainConfig.resolve(pretrain_worlds=4).for_catalogue(270 * 3700, 3700)
+    assert dense_with_worlds.content.pretrain_worlds == 0 and "not used" in dense_with_worlds.choice
     record = sparse.record()
     assert record["item_features"] == "content" and record["choice"] == sparse.choice
     assert "block_aware" not in record and "item_lm_window" in record

@@ -66,6 +66,8 @@ class RcRecommender:
                 config.prefix_chunk,
                 guard=config.guard,
             )
+            if config.mode == "rcllm" and config.guard:
+                self.engine.calibrate_guard()  # here, not inside the first request's latency
 
     def with_config(self, **overrides) -> RcRecommender:
         """A recommender sharing this one's features, retriever and ranker under changed

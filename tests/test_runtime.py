@@ -298,6 +298,9 @@ def test_the_engine_calibrates_its_cost_model_once_on_first_score():
     assert fitted is not None and all(v >= 0 for v in fitted.to_dict().values())
     engine.score([make_prompt(rng)], [LABELS])
     assert engine.cost_model is fitted
+    # another engine of the same model, backend and policy reuses the fit; another policy measures
+    assert engine_for(model, "block_head:2", guard=True).calibrate_guard() is fitted
+    assert engine_for(model, "none", guard=True).calibrate_guard() is not fitted
 
 
 # ---- the hot-block cache -----------------------------------------------------------------------

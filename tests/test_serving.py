@@ -64,6 +64,7 @@ def test_the_guard_serves_full_prefill_and_says_so(trained_repo):
     users = _users(repo, 3)
     full = RcRecommender.from_feature_store(repo, mode="full").recommend_batch(users, k=10)
     with RcRecommender.from_feature_store(repo, store="memory://") as rec:
+        assert rec.engine.cost_model is not None  # measured when the recommender was built
         rec.engine.cost_model = CostModel(0.0, 0.0, 1e9, 0.0, 0.0)  # reuse never pays
         guarded = rec.recommend_batch(users, k=10)
         rec.engine.cost_model = CostModel(1e9, 0.0, 0.0, 0.0, 0.0)  # reuse always pays

@@ -9,6 +9,7 @@ run least disturbed by other load); then ``guard.fit`` solves for the coefficien
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,10 @@ from .policies import parse_policy
 
 SHAPES = ((4, 4), (8, 24), (24, 8), (16, 32))  # (tokens per item, items): short to long prompts
 REPEATS = 5
+# One fit per model, backend, policy and device in a process: recommenders made by
+# ``with_config`` and engines of several stores share it.
+_FITTED: dict[tuple, CostModel] = {}
+_FITTED_LOCK = threading.Lock()
 
 
 class _DictStore:
@@ -39,14 +44,20 @@ class _DictStore:
 
 
 def calibrate(engine, shapes=SHAPES, repeats: int = REPEATS, seed: int = 0) -> CostModel:
-    """Fit the cost model of ``engine``'s model, attention backend and policy."""
+    """Fit the cost model of ``engine``'s model, attention backend and policy (once per process)."""
     from .engine import BlockEngine  # the engine module imports this one lazily
 
-    probe = BlockEngine(engine.ranker, _DictStore(), engine.policy, engine.attention.name, guard=False)
-    try:
-        return _fit(probe, _prompts(engine, shapes, seed), repeats)
-    finally:
-        probe.close()
+    key = (engine.ranker.fingerprint, engine.attention.name, engine.policy.spec, str(engine.view.device))
+    with _FITTED_LOCK:
+        if key not in _FITTED:
+            probe = BlockEngine(
+                engine.ranker, _DictStore(), engine.policy, engine.attention.name, guard=False
+            )
+            try:
+                _FITTED[key] = _fit(probe, _prompts(engine, shapes, seed), repeats)
+            finally:
+                probe.close()
+        return _FITTED[key]
 
 
 def _prompts(engine, shapes, seed: int) -> list[tuple[RenderedPrompt, list[int]]]:

@@ -53,9 +53,9 @@ class BlockEngine(PrefixCaching):
 
     ``backend``: attention backend (``auto`` | ``torch`` | ``triton``), resolved once here.
     ``guard``: True (default) runs full prefill where the cost model, measured on this model
-    when the engine first scores, predicts reuse cannot pay; a ``CostModel`` uses that one;
-    False always reuses (benchmarks of pure reuse). ``hot_block_bytes``: bound of the decoded
-    block cache (0: off).
+    by ``calibrate_guard()`` (or when the engine first scores), predicts reuse cannot pay; a
+    ``CostModel`` uses that one; False always reuses (benchmarks of pure reuse).
+    ``hot_block_bytes``: bound of the decoded block cache (0: off).
     """
 
     def __init__(
@@ -127,14 +127,16 @@ class BlockEngine(PrefixCaching):
     def _reuse_pays(self, layouts, policy: Policy) -> list[bool]:
         if not self.guard:
             return [True] * len(layouts)
-        model = self.cost_model or self._calibrated()
+        model = self.cost_model or self.calibrate_guard()
         shapes = [prompt_shape(kinds, lengths, policy, self.view.n_layers) for kinds, lengths in layouts]
         return [model.reuse_pays(s.tokens, s.recomputed, s.blocks) for s in shapes]
 
-    def _calibrated(self) -> CostModel:
+    def calibrate_guard(self) -> CostModel:
+        """The guard's cost model, measured now unless this engine (or another in this process
+        with the same model, attention backend and policy) already has one."""
         with self._calibrate_lock:
             if self.cost_model is None:
-                from .calibrate import calibrate  # lazy: only engines that guard and score need it
+                from .calibrate import calibrate  # lazy: only engines that guard need it
 
                 self.cost_model = calibrate(self)
                 log.info("reuse guard cost model: %s", self.cost_model)

@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="ingest synthetic data, train the content item LM, recommend, evaluate accuracy and warm "
         "TTFT of full / prefix / rcllm (a few minutes on 2 cores)",
-        description="The demo trains with --recipe item-lm --size micro --steps 400 "
-        "--pretrain-worlds 4 --item-text-words 24 unless those flags are given (the defaults listed below "
-        "are rcllm train's).",
+        description="The demo trains with --recipe item-lm --size micro --steps 400 --pretrain-worlds 4 "
+        "--item-text-words 24 --threads 1 (torch threads of the whole demo process) unless those flags "
+        "are given (the defaults listed below are rcllm train's).",
     )
     _data_args(p, 600, 400)
     _train_args(p)

@@ -180,6 +180,7 @@ DEMO_TRAINING = dict(
     steps=400,
     pretrain_worlds=4,
     item_text_words=24,
+    threads=1,  # the micro model: one torch thread did the demo in 4.2 CPU-min, two took 10.7 CPU-min
 )
 
 

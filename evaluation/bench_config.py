@@ -177,7 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run the default policy with this attention backend, interleaved (an A/B)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the catalogue, stream and model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the catalog, stream and model")
     p.add_argument(
         "--no-guard",
         action="store_true",

@@ -1,4 +1,4 @@
-"""The benchmarks' synthetic world: a catalogue, a seeded request stream, a tokenizer trained on
+"""The benchmarks' synthetic world: a catalog, a seeded request stream, a tokenizer trained on
 it, a random-weight model and the template that gives item blocks a target length.
 
 Only numpy, torch, transformers and tokenizers are imported (the benches run on bare GPU machines).
@@ -100,7 +100,7 @@ def _zipf_unseen(rng, popularity: np.ndarray, k: int, seen: set[int]) -> list[in
 def build_bench_ranker(
     config: BenchConfig, workloads: list[Workload]
 ) -> tuple[Ranker, dict[str, PromptTemplate], dict]:
-    """Tokenizer trained on the catalogue, random-weight model, one template per workload."""
+    """Tokenizer trained on the catalog, random-weight model, one template per workload."""
     longest = max(w.item_tokens for w in workloads)
     catalog = bench_catalog(config.stream.items, 2 * longest, config.stream.seed)
     base = PromptTemplate(max_history=max(w.history for w in workloads), item_text_words=longest)

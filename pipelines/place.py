@@ -1,4 +1,4 @@
-"""Place the catalogue's item blocks on storage shards (``rcllm place``): balanced clusters of the
+"""Place the catalog's item blocks on storage shards (``rcllm place``): balanced clusters of the
 item embeddings served by the Feast item view, written as a versioned shard map.
 
 With an existing map file, new items join the nearest shard with room and a re-balance moves
@@ -48,7 +48,7 @@ def place_repo(
     method: str = "similarity",
     new: bool = False,
 ) -> dict:
-    """Write the shard map for the repo's catalogue to ``out`` (updating the map there unless
+    """Write the shard map for the repo's catalog to ``out`` (updating the map there unless
     ``new``; ``shards`` defaults to 8 for a new map, to the existing map's count otherwise)."""
     repo, out = Path(repo), Path(out)
     ids, embeddings = item_embeddings(repo)
@@ -93,7 +93,7 @@ def _rows(shard_map: ShardMap, ids: list[int], embeddings: np.ndarray) -> np.nda
     unknown = [i for i in shard_map.item_shard if i not in row]
     if unknown:
         raise FeatureRepoError(
-            f"the shard map places {len(unknown)} items the catalogue no longer has "
+            f"the shard map places {len(unknown)} items the catalog no longer has "
             f"(e.g. {unknown[:5]}); build a new map with --new"
         )
     return embeddings[[row[i] for i in shard_map.item_shard]]

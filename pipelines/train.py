@@ -52,7 +52,7 @@ def train_ranker(
     co-occurrence embeddings), so the model begins with item signal. Returns the saved ranker
     and a summary (examples, loss, seconds).
     """
-    config = (config or TrainConfig()).for_catalogue(
+    config = (config or TrainConfig()).for_catalog(
         sum(len(s) for group, _ in groups for s in group), len(catalog)
     )
     if progress:

@@ -11,7 +11,7 @@ Keys are the flat names :meth:`TrainConfig.record` writes (e.g. ``steps``, ``ite
 Which recipe when:
 
 * ``item-lm`` (default): an item-level LM over the history blocks with the label lookup compiled
-  around it; the ranker reads the history. Its item features are chosen per catalogue unless given
+  around it; the ranker reads the history. Its item features are chosen per catalog unless given
   (:func:`choose_item_features`): ``id`` (one learned embedding per item) when the training split has
   at least ``ID_FEATURES_MIN_INTERACTIONS_PER_ITEM`` interactions per item, otherwise ``content``
   (embeddings computed from categories, series/part in titles and popularity, plus pretraining on
@@ -34,7 +34,7 @@ ITEM_FEATURES = ("auto", "id", "content")
 HEAD_DIM = 32  # every item-LM size preset has heads of 32 dimensions: at most 32 candidates bind
 ITEM_LM_HIDDEN = {"micro": 64, "small": 128, "base": 256}
 
-# Catalogues with at least this many training interactions per item learn one embedding per item
+# Catalogs with at least this many training interactions per item learn one embedding per item
 # (MovieLens-1M: ~270, where id features beat the retriever by 10.6%); sparser ones (the synthetic
 # default: ~48, the demo: ~35) compute item embeddings from content.
 ID_FEATURES_MIN_INTERACTIONS_PER_ITEM = 100.0
@@ -82,7 +82,7 @@ class ItemLMSettings:
     window: int = 40  # history items per training window
     rank: int = 0  # dimensions of the next-item score carried into the label lookup (0: all)
     patience: int | None = None  # early-stopping checks without improvement (0: off; None: per features)
-    features: str = "auto"  # id, content, or auto: chosen per catalogue (choose_item_features)
+    features: str = "auto"  # id, content, or auto: chosen per catalog (choose_item_features)
 
     @property
     def stopping_patience(self) -> int:
@@ -124,8 +124,8 @@ SECTIONS = {  # flat key -> (section, field)
 class TrainConfig:
     """Ranker training settings shared by every recipe, with the recipes' own in ``verbalizer``,
     ``item_lm`` and ``content``. ``steps`` x ``batch_size`` prompts (item-lm: windows) are seen.
-    Fields left None take the recipe's defaults; item-lm's depend on the catalogue and are filled
-    by :meth:`for_catalogue`, which records the choice in ``choice``.
+    Fields left None take the recipe's defaults; item-lm's depend on the catalog and are filled
+    by :meth:`for_catalog`, which records the choice in ``choice``.
 
     Example:
         >>> TrainConfig.resolve(recipe="item-lm", item_features="content", steps=600).content.pretrain_worlds
@@ -147,7 +147,7 @@ class TrainConfig:
     verbalizer: VerbalizerSettings = field(default_factory=VerbalizerSettings)
     item_lm: ItemLMSettings = field(default_factory=ItemLMSettings)
     content: ContentSettings = field(default_factory=ContentSettings)
-    choice: str = ""  # how item-lm's catalogue-dependent defaults were chosen (set by for_catalogue)
+    choice: str = ""  # how item-lm's catalog-dependent defaults were chosen (set by for_catalog)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -185,11 +185,11 @@ class TrainConfig:
 
     @property
     def features(self) -> str:
-        """The item-lm item features (``auto`` until :meth:`for_catalogue`)."""
+        """The item-lm item features (``auto`` until :meth:`for_catalog`)."""
         return self.item_lm.features
 
-    def for_catalogue(self, interactions: int, items: int) -> TrainConfig:
-        """This config with every None default filled for a catalogue of ``items`` items and
+    def for_catalog(self, interactions: int, items: int) -> TrainConfig:
+        """This config with every None default filled for a catalog of ``items`` items and
         ``interactions`` training interactions (item-lm: features by :func:`choose_item_features`)."""
         if self.recipe != "item-lm":
             return replace(self, choice="verbalizer recipe")
@@ -268,7 +268,7 @@ _KEYS = tuple(_TYPES)
 
 
 def choose_item_features(interactions: int, items: int) -> tuple[str, str]:
-    """``(features, why)``: ``id`` when the catalogue has at least
+    """``(features, why)``: ``id`` when the catalog has at least
     ``ID_FEATURES_MIN_INTERACTIONS_PER_ITEM`` training interactions per item, else ``content``."""
     per_item = interactions / max(items, 1)
     threshold = ID_FEATURES_MIN_INTERACTIONS_PER_ITEM

@@ -88,10 +88,10 @@ RECIPE_HELP = (
     "loss; at CPU budgets it ranks nearly alike for every user (use it only to compare)"
 )
 FEATURES_HELP = (
-    "item-lm: id = one learned embedding per item (use on catalogues with many interactions per item, "
+    "item-lm: id = one learned embedding per item (use on catalogs with many interactions per item, "
     "e.g. MovieLens-1M); content = embeddings computed from categories, series/part in titles and "
     "popularity, history lines marked with their relation to the previous one (use on sparse "
-    "catalogues); auto (default): id when the training split has >= 100 interactions per item, "
+    "catalogs); auto (default): id when the training split has >= 100 interactions per item, "
     "else content; the choice is printed and saved in the training record"
 )
 
@@ -171,7 +171,7 @@ def _train_args(p, demo: bool = False) -> None:
     )
 
 
-# The demo's training: the item LM (the demo's catalogue is sparse, so the per-catalogue rule picks
+# The demo's training: the item LM (the demo's catalog is sparse, so the per-catalog rule picks
 # content item features) sized for a few minutes on 2 cores, with candidate blocks
 # long enough (24 description words) that reusing their KV pays.
 DEMO_TRAINING = dict(

@@ -99,7 +99,7 @@ class Retriever:
         return score
 
     def candidates(self, history: list[int], k: int) -> list[int]:
-        """Top-``k`` unseen item ids, best first (fewer when the catalogue runs out)."""
+        """Top-``k`` unseen item ids, best first (fewer when the catalog runs out)."""
         score = self.scores(history)
         seen = [self.index[i] for i in history if i in self.index]
         score[seen] = -np.inf

@@ -11,7 +11,7 @@ from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.model.tokenizer import train_tokenizer
 from rcllm_sdk.pipelines.item_lm import UserBlockWindows, item_lm_config, item_lm_template
 from rcllm_sdk.pipelines.item_lm.content import (
-    Catalogue,
+    Catalog,
     ContentItemLM,
     ContentWindows,
     _earlier_items,
@@ -74,7 +74,7 @@ def content_setup(ingested_repo):
         template=template,
         tok=tok,
         rows=rows,
-        target=Catalogue.from_sequences(items, sequences),
+        target=Catalog.from_sequences(items, sequences),
         windows=ContentWindows(template, tok),
     )
 

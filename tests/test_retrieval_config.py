@@ -20,7 +20,7 @@ def test_transitions_rank_followers_first_and_exclude_seen():
     assert 1 not in r.candidates([1, 2], k=4) and 2 not in r.candidates([1, 2], k=4)
 
 
-def test_candidates_are_capped_by_the_catalogue_and_deterministic():
+def test_candidates_are_capped_by_the_catalog_and_deterministic():
     r = make()
     assert len(r.candidates([1, 2, 3, 4], k=10)) == 2
     assert r.candidates([1], k=5) == r.candidates([1], k=5)

@@ -1,4 +1,4 @@
-"""Training settings: per-recipe sections, precedence, the per-catalogue choice of item features."""
+"""Training settings: per-recipe sections, precedence, the per-catalog choice of item features."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def test_bad_settings_raise_config_errors(monkeypatch):
         TrainConfig.resolve()
 
 
-def test_item_features_are_chosen_per_catalogue_and_explicit_flags_win():
+def test_item_features_are_chosen_per_catalog_and_explicit_flags_win():
     threshold = ID_FEATURES_MIN_INTERACTIONS_PER_ITEM
     assert choose_item_features(int(threshold * 400), 400)[0] == "id"
     assert choose_item_features(int(threshold * 400) - 1, 400)[0] == "content"
-    dense = TrainConfig.resolve().for_catalogue(270 * 3700, 3700)  # MovieLens-1M-like
-    sparse = TrainConfig.resolve().for_catalogue(35 * 400, 400)  # the demo's synthetic world
+    dense = TrainConfig.resolve().for_catalog(270 * 3700, 3700)  # MovieLens-1M-like
+    sparse = TrainConfig.resolve().for_catalog(35 * 400, 400)  # the demo's synthetic world
     assert (dense.item_lm.features, dense.size, dense.steps, dense.content.pretrain_worlds) == (
         "id",
         "small",
@@ -60,10 +60,10 @@ def test_item_features_are_chosen_per_catalogue_and_explicit_flags_win():
     assert dense.item_lm.patience == 3 and "270.0 training interactions per item >= 100" in dense.choice
     assert (sparse.item_lm.features, sparse.size, sparse.item_lm.patience) == ("content", "micro", 0)
     assert sparse.content.pretrain_worlds > 0
-    given = TrainConfig.resolve(item_features="content", pretrain_worlds=0, steps=5).for_catalogue(10**7, 10)
+    given = TrainConfig.resolve(item_features="content", pretrain_worlds=0, steps=5).for_catalog(10**7, 10)
     assert (given.item_lm.features, given.content.pretrain_worlds, given.steps) == ("content", 0, 5)
     assert given.item_lm.patience == 3 and "given" in given.choice  # no worlds: early stopping stays on
-    dense_with_worlds = TrainConfig.resolve(pretrain_worlds=4).for_catalogue(270 * 3700, 3700)
+    dense_with_worlds = TrainConfig.resolve(pretrain_worlds=4).for_catalog(270 * 3700, 3700)
     assert dense_with_worlds.content.pretrain_worlds == 0 and "not used" in dense_with_worlds.choice
     record = sparse.record()
     assert record["item_features"] == "content" and record["choice"] == sparse.choice
@@ -71,7 +71,7 @@ def test_item_features_are_chosen_per_catalogue_and_explicit_flags_win():
 
 
 def test_the_verbalizer_record_keeps_its_own_flat_keys():
-    record = TrainConfig.resolve(recipe="verbalizer", block_aware=True).for_catalogue(10, 10).record()
+    record = TrainConfig.resolve(recipe="verbalizer", block_aware=True).for_catalog(10, 10).record()
     assert record["block_aware"] is True and record["size"] == "small" and "item_lm_window" not in record
 
 

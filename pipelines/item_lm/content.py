@@ -1,14 +1,14 @@
 """Item LMs whose item embeddings are computed from content (``--item-features content``).
 
-The id item LM (:mod:`.fitting`) learns one embedding per item token; on a catalogue with
+The id item LM (:mod:`.fitting`) learns one embedding per item token; on a catalog with
 few transitions per item it memorises before it generalises (measured on MovieLens-100K). Here an item's
 input and output embeddings are functions of what the prompt shows about it (:class:`ContentFeatures`:
 its categories, its series name and part number read off the title, and how often it was consumed),
-so what the model learns transfers between items, and between catalogues: training may add
-sequences of *other* catalogues whose items have no token at all (``pretrain``). History lines carry
+so what the model learns transfers between items, and between catalogs: training may add
+sequences of *other* catalogs whose items have no token at all (``pretrain``). History lines carry
 relation markers (``PromptTemplate.relation_markers``).
 
-After training, the target catalogue's content embeddings are written into the item tokens' rows
+After training, the target catalog's content embeddings are written into the item tokens' rows
 of a plain, untied ``LlamaForCausalLM``, which the rest of the item-lm recipe (readout, compiled
 lookup) uses unchanged.
 """
@@ -31,7 +31,7 @@ from rcllm_sdk.prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTempl
 
 SERIES_CODE_DIM = 256  # a fixed random code per series name: equal names match, others are near orthogonal
 MAX_PART = 8  # part numbers above share one embedding
-CATEGORY_BUCKETS = 4096  # category names are hashed: catalogues share embeddings for equal names
+CATEGORY_BUCKETS = 4096  # category names are hashed: catalogs share embeddings for equal names
 POPULARITY_BUCKETS = 10
 
 
@@ -120,15 +120,15 @@ class ContentEmbeddings(torch.nn.Module):
 
 
 @dataclass(slots=True)
-class Catalogue:
-    """One catalogue's training data: item rows (``ItemInfo``), sequences of row indices, features."""
+class Catalog:
+    """One catalog's training data: item rows (``ItemInfo``), sequences of row indices, features."""
 
     items: list[ItemInfo]
     sequences: list[list[int]]
     features: ContentFeatures
 
     @classmethod
-    def from_sequences(cls, items: list[ItemInfo], sequences: list[list[int]]) -> Catalogue:
+    def from_sequences(cls, items: list[ItemInfo], sequences: list[list[int]]) -> Catalog:
         counts = np.bincount(
             np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)]),
             minlength=len(items),
@@ -139,7 +139,7 @@ class Catalogue:
 class ContentWindows:
     """Token ids of user-block windows in which an item is ``-(row + 1)`` (its embedding comes from
     content): system block, header, one line per item (relation marker but on the first line, item,
-    newline), the next-item marker and the next item. For the catalogue the tokenizer has item tokens
+    newline), the next-item marker and the next item. For the catalog the tokenizer has item tokens
     for, replacing each ``-(row + 1)`` by the row's item token gives exactly the rendered user block
     (tested)."""
 
@@ -154,8 +154,8 @@ class ContentWindows:
         self.relation_ids = torch.tensor(list(self._marker.values()))
         self.marker_id = tokenizer.convert_tokens_to_ids(NEXT_MARKER)
 
-    def encode(self, catalogue: Catalogue, rows: list[int], next_row: int) -> list[int]:
-        tokens, items = list(self._head), catalogue.items
+    def encode(self, catalog: Catalog, rows: list[int], next_row: int) -> list[int]:
+        tokens, items = list(self._head), catalog.items
         for n, row in enumerate(rows):
             if n:
                 a, b = items[rows[n - 1]], items[row]
@@ -174,20 +174,20 @@ class ContentItemLM(torch.nn.Module):
         self.content = ContentEmbeddings(config.hidden_size)
 
     def loss(
-        self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
+        self, catalog: Catalog, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Cross-entropy of every next item in ``windows`` over the catalogue's items not yet in it."""
+        """Cross-entropy of every next item in ``windows`` over the catalog's items not yet in it."""
         return torch.nn.functional.cross_entropy(
-            *self.next_item_logits(catalogue, windows, pad_id, relation_ids)
+            *self.next_item_logits(catalog, windows, pad_id, relation_ids)
         )
 
     def next_item_logits(
-        self, catalogue: Catalogue, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
+        self, catalog: Catalog, windows: list[list[int]], pad_id: int, relation_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [T, items], targets [T])`` of every item in ``windows`` (in window order), predicted
         at the token before its line: its own relation marker says how it follows, so it is not seen.
         Items already in the window are masked."""
-        inputs, outputs = self.content(catalogue.features)
+        inputs, outputs = self.content(catalog.features)
         ids, mask, _ = pad_batch(windows, pad_id)
         is_item = ids < 0
         rows = (-ids - 1).clamp(min=0)
@@ -203,23 +203,23 @@ class ContentItemLM(torch.nn.Module):
         return logits, targets
 
     @torch.no_grad()
-    def materialize(self, catalogue: Catalogue, item_token_ids: torch.Tensor) -> LlamaForCausalLM:
-        """The Llama with ``catalogue``'s content embeddings in the item tokens' rows (row n of the
-        catalogue -> ``item_token_ids[n]``)."""
-        inputs, outputs = self.content(catalogue.features)
+    def materialize(self, catalog: Catalog, item_token_ids: torch.Tensor) -> LlamaForCausalLM:
+        """The Llama with ``catalog``'s content embeddings in the item tokens' rows (row n of the
+        catalog -> ``item_token_ids[n]``)."""
+        inputs, outputs = self.content(catalog.features)
         self.llama.model.embed_tokens.weight[item_token_ids] = inputs
         self.llama.lm_head.weight[item_token_ids] = outputs
         return self.llama
 
 
-def synthetic_catalogues(count: int, first_seed: int = 1000) -> list[Catalogue]:
+def synthetic_catalogs(count: int, first_seed: int = 1000) -> list[Catalog]:
     """``count`` worlds of the package's synthetic generator (default sizes, seeds ``first_seed``,
     ``first_seed + 1``, ...): other items, titles and users, the same mechanism. Every user's whole
     sequence is training data (none of it is evaluated)."""
 
     from rcllm_sdk.data.synthetic import SyntheticConfig, generate
 
-    catalogues = []
+    catalogs = []
     for seed in tqdm(
         range(first_seed, first_seed + count), desc="generate pretraining worlds", disable=count < 2
     ):
@@ -229,10 +229,8 @@ def synthetic_catalogues(count: int, first_seed: int = 1000) -> list[Catalogue]:
         sequences = (
             interactions.sort("user_id", "timestamp").group_by("user_id", maintain_order=True).agg("item_id")
         )
-        catalogues.append(
-            Catalogue.from_sequences(infos, [[row[i] for i in s] for s in sequences["item_id"]])
-        )
-    return catalogues
+        catalogs.append(Catalog.from_sequences(infos, [[row[i] for i in s] for s in sequences["item_id"]]))
+    return catalogs
 
 
 def _earlier_items(window: torch.Tensor, targets: torch.Tensor, logits_width: int) -> torch.Tensor:
@@ -248,15 +246,15 @@ def _earlier_items(window: torch.Tensor, targets: torch.Tensor, logits_width: in
 
 
 def train_content_item_lm(
-    target: Catalogue,
-    pretrain: list[Catalogue],
+    target: Catalog,
+    pretrain: list[Catalog],
     windows: ContentWindows,
     config,
     model_config: LlamaConfig,
     progress: bool = True,
 ):
     """Train a :class:`ContentItemLM` on ``config.steps`` batches, each of ``config.batch_size`` windows
-    of one catalogue drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
+    of one catalog drawn uniformly from ``[target, *pretrain]``. Early stopping as for id item LMs,
     on held-out target sequences. Returns ``(ContentItemLM, losses, record)``."""
     from .fitting import fit_item_lm, mean_loss
     from .windows import sample_windows, validation_split
@@ -265,13 +263,13 @@ def train_content_item_lm(
     model = ContentItemLM(model_config)
     pad_id, relation_ids = model_config.pad_token_id, windows.relation_ids
     kept, validation = validation_split(target.sequences, functools.partial(windows.encode, target), config)
-    catalogues = [Catalogue(target.items, kept, target.features), *pretrain]
+    catalogs = [Catalog(target.items, kept, target.features), *pretrain]
     rng = np.random.default_rng(config.seed)
 
     def next_loss() -> torch.Tensor:
-        catalogue = catalogues[int(rng.integers(len(catalogues)))]
-        batch = sample_windows(catalogue.sequences, functools.partial(windows.encode, catalogue), config, rng)
-        return model.loss(catalogue, batch, pad_id, relation_ids)
+        catalog = catalogs[int(rng.integers(len(catalogs)))]
+        batch = sample_windows(catalog.sequences, functools.partial(windows.encode, catalog), config, rng)
+        return model.loss(catalog, batch, pad_id, relation_ids)
 
     def validation_loss() -> float:
         return mean_loss(model, lambda part: model.loss(target, part, pad_id, relation_ids), validation)

@@ -37,7 +37,7 @@ def train_item_lm_ranker(
     examples, and save (HF format, like any ranker). Returns the ranker and a summary."""
     started = time.perf_counter()
     if config.size is None or config.item_lm.features == "auto":
-        config = config.for_catalogue(sum(len(s) for g, _ in groups for s in g), len(catalog))
+        config = config.for_catalog(sum(len(s) for g, _ in groups for s in g), len(catalog))
     content = config.item_lm.features == "content"
     template = template or item_lm_template(item_text_words=config.item_text_words, relation_markers=content)
     if (
@@ -123,13 +123,13 @@ def _train_content_item_lm(
     config,
     progress: bool,
 ) -> tuple[LlamaForCausalLM, list[float], dict]:
-    """``--item-features content``: train on the target catalogue (and ``config.content.pretrain_worlds``
+    """``--item-features content``: train on the target catalog (and ``config.content.pretrain_worlds``
     synthetic ones), then write the target's content embeddings into its item tokens' rows."""
-    from .content import Catalogue, ContentWindows, synthetic_catalogues, train_content_item_lm
+    from .content import Catalog, ContentWindows, synthetic_catalogs, train_content_item_lm
 
     row = {item: n for n, item in enumerate(catalog)}  # the order of windows.item_token_ids
-    target = Catalogue.from_sequences(list(catalog.values()), [[row[i] for i in s] for s in sequences])
-    pretrain = synthetic_catalogues(config.content.pretrain_worlds)
+    target = Catalog.from_sequences(list(catalog.values()), [[row[i] for i in s] for s in sequences])
+    pretrain = synthetic_catalogs(config.content.pretrain_worlds)
     model, losses, record = train_content_item_lm(
         target,
         pretrain,

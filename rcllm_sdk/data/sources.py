@@ -21,7 +21,7 @@ ITEM_SCHEMA = {"item_id": pl.Int64, "title": pl.Utf8, "category": pl.Utf8, "text
 
 @dataclass(slots=True)
 class Dataset:
-    """Interactions sorted by user then time (ties keep file order) and the item catalogue."""
+    """Interactions sorted by user then time (ties keep file order) and the item catalog."""
 
     name: str
     interactions: pl.DataFrame  # user_id, item_id, timestamp

@@ -1,4 +1,4 @@
-"""A deterministic synthetic catalogue and interaction log whose next item follows from content.
+"""A deterministic synthetic catalog and interaction log whose next item follows from content.
 
 Mechanism (documented in docs/data-and-feast.md):
 

@@ -1,4 +1,4 @@
-"""A byte-level BPE tokenizer trained offline on the catalogue and template text."""
+"""A byte-level BPE tokenizer trained offline on the catalog and template text."""
 
 from __future__ import annotations
 

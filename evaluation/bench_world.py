@@ -15,7 +15,7 @@ import torch
 from rcllm_sdk.model.ranker import Ranker
 from rcllm_sdk.model.tokenizer import train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, render
-from rcllm_sdk.prompt.renderer import cacheable_blocks
+from rcllm_sdk.prompt.encoder import cacheable_blocks
 
 from .bench_config import MODELS, BenchConfig, Request, StreamConfig, Workload
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rcllm_sdk.prompt import ItemInfo, PromptTemplate, render
-from rcllm_sdk.prompt.renderer import ITEM, LABEL, QUERY, SYSTEM, USER
+from rcllm_sdk.prompt import ItemInfo, PromptEncoder, PromptTemplate, render
 from rcllm_sdk.retrieval import Retriever
 
 
@@ -62,28 +61,11 @@ def build_examples(
 
 
 class BlockEncoder:
-    """Token ids of training prompts assembled from cached per-block encodings.
-
-    Blocks tokenise independently (the renderer's boundary rule, tested), so concatenating
-    cached block ids gives exactly ``render(...).input_ids`` at a fraction of the cost.
-    """
+    """Token ids of training prompts over a catalog: the serving encoder
+    (:class:`~rcllm_sdk.prompt.PromptEncoder`, its item and fixed-text cache) fed by item ids."""
 
     def __init__(self, catalog: dict[int, ItemInfo], template: PromptTemplate, tokenizer):
-        self.catalog, self.template, self.tokenizer = catalog, template, tokenizer
-        self._items: dict[int, list[int]] = {}
-        self._fixed = {text: self._ids(text) for text in (template.system, template.query)}
-        self._labels = [self._ids(template.label_line(label)) for label in template.labels]
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _item(self, item_id: int) -> list[int]:
-        if item_id not in self._items:
-            i = self.catalog[item_id]
-            self._items[item_id] = self._ids(
-                self.template.item_line(i.item_id, i.title, i.category, i.text, True)
-            )
-        return self._items[item_id]
+        self.catalog, self.encoder = catalog, PromptEncoder(template, tokenizer)
 
     def encode(self, example: Example) -> tuple[list[int], tuple[int, int]]:
         """Prompt ids and the ``[start, end)`` span of the user-history block."""
@@ -93,13 +75,10 @@ class BlockEncoder:
 
     def encode_blocks(self, example: Example) -> tuple[list[int], list[tuple[str, int]]]:
         """Prompt ids and the ``(kind, n_tokens)`` of each block, in prompt order."""
-        t = self.template
-        user = self._ids(t.user_text([self.catalog[i] for i in example.history[-t.max_history :]]))
-        parts = [(SYSTEM, self._fixed[t.system]), (USER, user)]
-        for label, item in zip(self._labels, example.candidates, strict=False):
-            parts += [(LABEL, label), (ITEM, self._item(item))]
-        parts.append((QUERY, self._fixed[t.query]))
-        return [i for _, ids in parts for i in ids], [(kind, len(ids)) for kind, ids in parts]
+        parts = self.encoder.parts(
+            [self.catalog[i] for i in example.history], [self.catalog[i] for i in example.candidates]
+        )
+        return [t for _, ids in parts for t in ids], [(kind, len(ids)) for kind, ids in parts]
 
 
 def encode(example: Example, catalog: dict[int, ItemInfo], template: PromptTemplate, tokenizer) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rcllm_sdk.prompt.renderer import cacheable_blocks
+from rcllm_sdk.prompt.encoder import cacheable_blocks
 from rcllm_sdk.recommender import RcRecommender
 from rcllm_sdk.runtime.refresh import refresh_blocks
 

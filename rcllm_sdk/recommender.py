@@ -15,7 +15,7 @@ from .features import FeatureClient
 from .model.ranker import Ranker, load_ranker
 from .model.scoring import score_full
 from .model.tokenizer import label_token_ids
-from .prompt import ItemInfo, RenderedPrompt, render
+from .prompt import ItemInfo, PromptEncoder, RenderedPrompt
 from .retrieval import Retriever
 from .runtime.engine import BlockEngine
 from .types import CacheStats, Recommendation
@@ -54,6 +54,7 @@ class RcRecommender:
                 f"the template has {len(labels)} labels; set candidates <= {len(labels)}"
             )
         self.label_ids = label_token_ids(ranker.tokenizer, labels)
+        self.encoder = PromptEncoder(ranker.template, ranker.tokenizer)
         self.engine = None
         if config.mode != "full":
             from .cache import open_store  # lazy: LMCache is heavy and only needed when caching
@@ -297,13 +298,7 @@ class RcRecommender:
         """Prompts of ``(shown history, candidates)`` pairs; one Feast read for all their items."""
         info = self._items(list(dict.fromkeys(i for shown, cands in plans for i in shown + cands)))
         return [
-            render(
-                [info[i] for i in shown],
-                [info[i] for i in cands],
-                self.ranker.template,
-                self.ranker.tokenizer,
-                self.ranker.fingerprint,
-            )
+            self.encoder.render([info[i] for i in shown], [info[i] for i in cands], self.ranker.fingerprint)
             for shown, cands in plans
         ]
 

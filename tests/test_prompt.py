@@ -98,3 +98,25 @@ def test_training_block_encoder_equals_the_renderer(tokenizer):
     assert ids == encode(example, catalog, template, tokenizer)
     prompt = render(HISTORY, CANDIDATES[::-1], template, tokenizer, "fp")
     assert (start, end) == (prompt.blocks[1].start, prompt.blocks[1].end)
+
+
+def test_one_encoder_serves_every_prompt_and_tokenises_a_text_once(tokenizer):
+    """A held encoder (the recommender's, the trainers') gives render's blocks, its cached item
+    lines give the same ids a fresh tokenisation gives, and it counts each distinct text once."""
+    from rcllm_sdk.prompt import PromptEncoder
+
+    calls = []
+
+    def counting(texts, add_special_tokens=False):
+        calls.extend(texts)
+        return tokenizer(texts, add_special_tokens=add_special_tokens)
+
+    encoder = PromptEncoder(PromptTemplate(item_text_words=3), counting)
+    for _ in range(3):
+        prompt = encoder.render(HISTORY, CANDIDATES, "fp")
+    assert prompt == render(HISTORY, CANDIDATES, PromptTemplate(item_text_words=3), tokenizer, "fp")
+    item_line = PromptTemplate(item_text_words=3).item_line(
+        3, "Solar Saga Part 3", "Space", "a long voyage home", True
+    )
+    assert calls.count(item_line) == 1 and calls.count(PromptTemplate().system) == 1
+    assert calls.count(PromptTemplate().user_text(HISTORY)) == 3  # every history is its own

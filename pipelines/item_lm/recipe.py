@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from rcllm_sdk.errors import ConfigError, TrainingDataError
 from rcllm_sdk.model.ranker import Ranker, save_ranker
 from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
-from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
+from rcllm_sdk.prompt import ItemInfo, PromptEncoder, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
 
 from ..examples import BlockEncoder, build_examples
@@ -146,14 +146,8 @@ def _check_labels_unused(windows: UserBlockWindows, tokenizer, template: PromptT
     blocks: not in history lines, the system block or the footer, nor in any item block as served."""
     labels = set(label_token_ids(tokenizer, template.labels[:k]))
     used = {t for line in windows._lines.values() for t in line} | set(windows._head) | set(windows._footer)
-    blocks = {
-        t
-        for info in windows.catalog.values()
-        for t in tokenizer(
-            template.item_line(info.item_id, info.title, info.category, info.text, with_text=True),
-            add_special_tokens=False,
-        )["input_ids"]
-    }
+    encoder = PromptEncoder(template, tokenizer)
+    blocks = {t for info in windows.catalog.values() for t in encoder.item_ids(info)}
     for where, clash in (("history lines", labels & used), ("item blocks", labels & blocks)):
         if clash:
             raise TrainingDataError(

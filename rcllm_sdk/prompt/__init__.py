@@ -1,14 +1,17 @@
-"""Block-structured prompts: template and pure renderer."""
+"""Block-structured prompts: template, data types and the one encoder of the layout."""
 
-from .renderer import Block, ItemInfo, RenderedPrompt, block_hash, full_text, render
+from .encoder import PromptEncoder, cacheable_blocks, render
+from .renderer import Block, ItemInfo, RenderedPrompt, block_hash, full_text
 from .template import PromptTemplate, item_token
 
 __all__ = [
     "Block",
     "ItemInfo",
+    "PromptEncoder",
     "PromptTemplate",
     "RenderedPrompt",
     "block_hash",
+    "cacheable_blocks",
     "full_text",
     "item_token",
     "render",

@@ -1,10 +1,11 @@
-"""Pure rendering of (history, candidates, template) into hashed, spanned blocks. No torch."""
+"""Prompt data types (items, blocks, rendered prompts), block hashes and the prompt's text layout.
+No torch. Token ids come from :class:`rcllm_sdk.prompt.encoder.PromptEncoder`."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ConfigError
@@ -83,61 +84,6 @@ def block_texts(
         )
     parts.append((QUERY, template.query))
     return parts
-
-
-def render(
-    history: Sequence[ItemInfo],
-    candidates: Sequence[ItemInfo],
-    template: PromptTemplate,
-    tokenizer: Tokenizer,
-    fingerprint: str,
-) -> RenderedPrompt:
-    """Render the blocks of one ranking prompt.
-
-    Example:
-        >>> p = render(history, candidates, PromptTemplate(), tokenizer, "model-v1")
-        >>> p.input_ids == tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        True
-    """
-    item_ids = [None, None] + [i for item in candidates for i in (None, item.item_id)] + [None]
-    blocks = encode_blocks(block_texts(history, candidates, template), tokenizer, fingerprint, item_ids)
-    labels = tuple(template.labels[: len(candidates)])
-    return RenderedPrompt(tuple(blocks), tuple(i.item_id for i in candidates), labels)
-
-
-def encode_blocks(
-    parts: Sequence[tuple[str, str]],
-    tokenizer: Tokenizer,
-    fingerprint: str,
-    item_ids: Sequence[int | None] | None = None,
-) -> list[Block]:
-    """Tokenise ``(kind, text)`` parts into consecutive blocks (spans start at 0); ``item_ids``
-    gives each part's item id (None for non-item parts)."""
-    encoded = tokenizer([text for _, text in parts], add_special_tokens=False)["input_ids"]
-    item_ids = item_ids if item_ids is not None else [None] * len(parts)
-    blocks, start = [], 0
-    for (kind, _), ids, item in zip(parts, encoded, item_ids, strict=False):
-        blocks.append(Block(kind, tuple(ids), start, block_hash(fingerprint, kind, ids), item))
-        start += len(ids)
-    return blocks
-
-
-def cacheable_blocks(
-    histories: Sequence[Sequence[ItemInfo]],
-    items: Sequence[ItemInfo],
-    template: PromptTemplate,
-    tokenizer: Tokenizer,
-    fingerprint: str,
-) -> list[Block]:
-    """The system block, one user block per history and one item block per item, exactly as
-    prompts contain them (same token ids, so the same content hashes)."""
-    parts = [(SYSTEM, template.system)]
-    parts += [(USER, template.user_text(list(h))) for h in histories]
-    parts += [
-        (ITEM, template.item_line(i.item_id, i.title, i.category, i.text, with_text=True)) for i in items
-    ]
-    item_ids = [None] * (1 + len(histories)) + [i.item_id for i in items]
-    return [replace(b, start=0) for b in encode_blocks(parts, tokenizer, fingerprint, item_ids)]
 
 
 def full_text(history, candidates, template: PromptTemplate) -> str:

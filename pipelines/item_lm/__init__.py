@@ -11,20 +11,8 @@ recipe therefore (modules: ``windows``, ``fitting``, ``content``, ``readout``, `
 2. fits the position prior and the weight of the item LM's score with the verbalizer objective
    on the same cross-fitted examples ``rcllm train`` uses (K + 1 numbers; :func:`fit_readout`);
 3. *compiles* the label lookup around the trained layers as two more Llama layers with
-   constructed weights (:func:`compile_ranker`). Extra hidden dimensions (:class:`Layout`) carry it:
-
-   - layer L, attention: every token after the marker copies the marker's next-item prediction
-     (a rank-R projection: PRED); each candidate's item token copies its label from two tokens
-     back (LAB), at a magnitude that dominates its norm, so RMSNorm scales every candidate alike;
-     every other token rests on the system block's first token (a sink that cached blocks see too).
-   - layer L, MLP: SCORE = PRED . KEY, the item LM's logit of the token's own item (KEY, the item's
-     rank-R output embedding, is part of its input embedding), exact by silu(z) - silu(-z) = z.
-   - layer L+1, attention: the last token attends to the candidates' item tokens with score
-     ``tau * SCORE + b[label] + gate`` and copies their labels (OUT); ``gate``, carried by LAB, is
-     large enough that no other token competes. The label tokens' output rows read OUT.
-
-The result is a plain ``LlamaForCausalLM`` on which every serving mode runs; the label logits
-rank candidates by ``tau * logit + b[label]`` (logits proportional to its softmax).
+   constructed weights (:func:`compile_ranker`; how, in :mod:`.compile`). The result is a plain
+   ``LlamaForCausalLM`` on which every serving mode runs.
 """
 
 from .compile import compile_ranker, compiled_agreement

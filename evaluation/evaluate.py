@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from rcllm_sdk.config import RecommenderConfig
 from rcllm_sdk.data.split import TEST
 from rcllm_sdk.errors import ConfigError
 from rcllm_sdk.ingest import ingest, read_manifest
@@ -164,7 +163,7 @@ def _report(repo: Path, users, results: dict, model, training, config: EvaluateC
                 "method": "warm requests, each prompt new to its mode's engine: rcllm's store holds what "
                 "refresh precomputes (system, item and the users' history blocks), prefix's the system "
                 "and history token prefix; one request per user and mode, modes in rotating order",
-                "rcllm_guard": "off (pure reuse)" if _pure_reuse(RecommenderConfig()) else "none",
+                "rcllm_guard": "off (pure reuse)",
             },
         },
     }
@@ -172,8 +171,8 @@ def _report(repo: Path, users, results: dict, model, training, config: EvaluateC
 
 def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
     """``(name, recommender)`` of every cached mode evaluated against ``full``, each measured pure
-    (an engine's fallback to full prefill for short prompts, where it has one, is switched off)."""
-    pure = _pure_reuse(rec.config)
+    (the reuse guard's fallback to full prefill switched off)."""
+    pure = {"guard": False}  # the reuse guard would send short prompts to full prefill
     yield "prefix", rec.with_config(mode="prefix", store=store, **pure)
     yield "rcllm", rec.with_config(mode="rcllm", policy=policy, store=store, **pure)
     for spec in other_policies:
@@ -181,11 +180,6 @@ def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
         yield name, rec.with_config(mode="rcllm", policy=spec, store=store, **pure)
     control = replace(rec.config, mode="rcllm", policy=policy, store=store, **pure)
     yield "control:wrong_history", WrongHistoryRecommender(rec.features, rec.retriever, rec.ranker, control)
-
-
-def _pure_reuse(config) -> dict:
-    """``{"guard": False}`` where the serving config has a short-prompt guard, else nothing."""
-    return {"guard": False} if "guard" in {f.name for f in fields(config)} else {}
 
 
 class WrongHistoryRecommender(RcRecommender):

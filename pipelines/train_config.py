@@ -22,10 +22,10 @@ Which recipe when:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from rcllm_sdk.config import env_values, parse_bool, read_yaml_mapping
 from rcllm_sdk.errors import ConfigError
 
 RECIPES = ("verbalizer", "item-lm")
@@ -227,8 +227,8 @@ class TrainConfig:
         keyword values are ignored). Keys are flat (:meth:`record`'s); unknown keys are rejected."""
         values: dict = {}
         if config_file:
-            values.update(_read_yaml(Path(config_file)))
-        values.update(_from_env())
+            values.update(read_yaml_mapping(Path(config_file), "training config"))
+        values.update(env_values("RCLLM_TRAIN_", _KEYS))
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - set(_KEYS)
         if unknown:
@@ -280,34 +280,12 @@ def choose_item_features(interactions: int, items: int) -> tuple[str, str]:
     )
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    if not path.exists():
-        raise ConfigError(f"training config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of training settings")
-    return data
-
-
-def _from_env() -> dict:
-    prefix = "RCLLM_TRAIN_"
-    return {
-        k[len(prefix) :].lower(): v
-        for k, v in os.environ.items()
-        if k.startswith(prefix) and k[len(prefix) :].lower() in _KEYS
-    }
-
-
 def _coerce(key: str, value):
     kind = _TYPES[key]
     if not isinstance(value, str):
         return value
     if "bool" in kind:
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ConfigError(f"training setting {key}={value!r} is not a valid bool (true or false)")
-        return value.lower() in ("1", "true", "yes")
+        return parse_bool(key, value)
     try:
         if "int" in kind:
             return int(value)

@@ -8,6 +8,7 @@ Environment names are the upper-cased field names, e.g. ``RCLLM_CANDIDATES=30``.
 from __future__ import annotations
 
 import os
+from collections.abc import Container
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -74,8 +75,8 @@ class RecommenderConfig:
         """Merge the four layers in precedence order; unknown keys are rejected."""
         values: dict = {}
         if config_file:
-            values.update(_read_yaml(Path(config_file)))
-        values.update(_from_env())
+            values.update(read_yaml_mapping(Path(config_file), "config"))
+        values.update(env_values("RCLLM_", {f.name for f in fields(cls)}))
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
@@ -84,30 +85,36 @@ class RecommenderConfig:
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping a YAML settings file holds (``what`` names the settings in errors)."""
     import yaml
 
     if not path.exists():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"{what} file {path} not found")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
+        raise ConfigError(f"{path} must hold a mapping of {what} keys")
     return data
 
 
-def _from_env() -> dict:
-    names = {f.name for f in fields(RecommenderConfig)}
-    return {
-        k[6:].lower(): v for k, v in os.environ.items() if k.startswith("RCLLM_") and k[6:].lower() in names
-    }
+def env_values(prefix: str, names: Container[str]) -> dict:
+    """``{name: text}`` of the ``<PREFIX><NAME>`` environment variables whose name is known."""
+    found = {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+    return {k: v for k, v in found.items() if k in names}
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """YAML/environment text as a bool (``bool("false")`` would be True)."""
+    value = text.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"setting {name}={text!r} is not a valid bool (true or false)")
+    return value in ("1", "true", "yes", "on")
 
 
 def _coerce(cls, name: str, value):
     default = getattr(cls(), name)
-    if isinstance(default, bool) and isinstance(value, str):  # YAML/env text: bool("false") is True
-        if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"config {name}={value!r} is not a valid bool")
-        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, bool) and isinstance(value, str):
+        return parse_bool(name, value)
     try:
         return type(default)(value)
     except (TypeError, ValueError) as exc:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from rcllm_sdk.errors import ConfigError, TrainingDataError
-from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
+from rcllm_sdk.prompt import ItemInfo, PromptEncoder, PromptTemplate, item_token
 from rcllm_sdk.prompt.template import NEXT_MARKER
 
 
@@ -35,7 +35,9 @@ class UserBlockWindows:
         ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self._head = ids(template.system) + ids(template.history_header)
         self._footer = ids(template.history_footer)
-        self._lines = {i: ids(template.item_line(i, c.title, c.category)) for i, c in catalog.items()}
+        encoder = PromptEncoder(template, tokenizer)  # item fields cleaned as serving cleans them
+        cleaned = {i: encoder.clean(item) for i, item in catalog.items()}
+        self._lines = {i: ids(template.item_line(i, c.title, c.category)) for i, c in cleaned.items()}
         self.item_token_ids = torch.tensor([tokenizer.convert_tokens_to_ids(item_token(i)) for i in catalog])
         self.marker_id = tokenizer.convert_tokens_to_ids(NEXT_MARKER)
         if self._footer[:1] != [self.marker_id]:

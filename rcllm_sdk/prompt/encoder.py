@@ -4,10 +4,16 @@ A prompt is the concatenation of its blocks' token ids: system, user history, a 
 item block per candidate, query. Each block is tokenised on its own (the template's boundary
 rule makes that equal to tokenising the whole text, tested), so a block's ids never depend on
 its neighbours and can be cached: fixed texts and item lines are tokenised once.
+
+Item fields (title, category, description) come from the catalog, which a seller may write:
+before an item is written into a prompt, line breaks become spaces (no field can start a label
+line) and every string the tokenizer reads as a special token (``<i5>``, ``</s>``, ``<next>``,
+``<|im_start|>`` ...) is removed, so no field can produce a control token or another item's token.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -27,6 +33,8 @@ from .renderer import (
 from .template import PromptTemplate
 
 MAX_CACHED_TEXTS = 1_000_000  # item lines and fixed texts kept tokenised (a catalog's worth)
+_LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
+MAX_STRIP_PASSES = 8  # removing a special token can join the halves of another: repeat until none
 
 Parts = list[tuple[str, tuple[int, ...]]]  # (kind, token ids) of each block, in prompt order
 
@@ -44,6 +52,8 @@ class PromptEncoder:
     def __init__(self, template: PromptTemplate, tokenizer: Tokenizer):
         self.template, self.tokenizer = template, tokenizer
         self._cached: dict[str, tuple[int, ...]] = {}
+        self._specials = frozenset(getattr(tokenizer, "get_added_vocab", dict)())
+        self._cleaned: dict[str, str] = {}
 
     def parts(self, history: Sequence[ItemInfo], candidates: Sequence[ItemInfo]) -> Parts:
         """``(kind, ids)`` of every block; the history is cut to the template's ``max_history``."""
@@ -58,11 +68,18 @@ class PromptEncoder:
 
     def user_ids(self, history: Sequence[ItemInfo]) -> tuple[int, ...]:
         """The user block (never cached: every history is its own)."""
-        return self._tokenise(self.template.user_text(list(history)))
+        return self._tokenise(self.template.user_text([self.clean(i) for i in history]))
 
     def item_ids(self, item: ItemInfo) -> tuple[int, ...]:
         """An item block as served: its line with the template's description words."""
-        return self._ids(self.template.item_line(item.item_id, item.title, item.category, item.text, True))
+        i = self.clean(item)
+        return self._ids(self.template.item_line(i.item_id, i.title, i.category, i.text, True))
+
+    def clean(self, item: ItemInfo) -> ItemInfo:
+        """The item with its text fields made safe to write into a prompt (see the module doc)."""
+        return ItemInfo(
+            item.item_id, self._field(item.title), self._field(item.category), self._field(item.text)
+        )
 
     def render(
         self, history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], fingerprint: str
@@ -94,6 +111,29 @@ class PromptEncoder:
                 self._cached.clear()
             ids = self._cached[text] = self._tokenise(text)
         return ids
+
+    def _field(self, text: str) -> str:
+        cleaned = self._cleaned.get(text)
+        if cleaned is None:
+            if len(self._cleaned) >= MAX_CACHED_TEXTS:
+                self._cleaned.clear()
+            cleaned = self._cleaned[text] = self._strip_specials(_LINE_BREAKS.sub(" ", text))
+        return cleaned
+
+    def _strip_specials(self, text: str) -> str:
+        """``text`` without the strings the tokenizer reads as special tokens (found by tokenising)."""
+        for _ in range(MAX_STRIP_PASSES):
+            tokens = (
+                self.tokenizer.convert_ids_to_tokens(list(self._tokenise(text))) if self._specials else []
+            )
+            found = sorted({t for t in tokens if t in self._specials}, key=len, reverse=True)
+            if not found:
+                return text
+            for special in found:
+                text = text.replace(special, "")
+        raise ConfigError(
+            f"item text {text[:80]!r} still holds special tokens after {MAX_STRIP_PASSES} passes"
+        )
 
     def _tokenise(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer([text], add_special_tokens=False)["input_ids"][0])

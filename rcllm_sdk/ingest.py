@@ -13,6 +13,8 @@ What lands in ``<repo>/data/``:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from .data.sources import Dataset, load
 from .data.split import TEST, VAL, histories, leave_one_out
 from .data.synthetic import SyntheticConfig
 from .features import FeatureClient, check_online_store, init_repo
+from .features.snapshot import commit, staging_folder
+from .features.store import PASSWORD_ENV, online_store_password
 from .retrieval import Retriever, RetrieverConfig
 
 EMBEDDING_METHOD = "PPMI of item co-occurrence within 3 positions, truncated SVD, L2-normalised"
@@ -60,8 +64,10 @@ def ingest(
     """Ingest one source into the feature repo ``repo`` (created when missing).
 
     Everything is read, checked and computed first (the source's files, the split, the
-    retriever, the online store's reachability); only then is anything in ``repo`` written, so a
-    bad file or an unreachable store leaves the previous repo as it was.
+    retriever, the online store's reachability); the new repo is then built in a staging folder
+    and moved over the old files all at once (:mod:`rcllm_sdk.features.snapshot`), so a failure at
+    any step leaves the previous repo serving as it was. A Redis password in ``online_store`` is
+    never written to disk: serving processes read it from ``$RCLLM_ONLINE_STORE_PASSWORD``.
 
     Raises:
         DataFormatError: a source file is missing, empty or malformed, or holds no rows.
@@ -79,11 +85,7 @@ def ingest(
         pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32))
     )
     check_online_store(online_store)
-    repo = init_repo(repo, online_store)
-    data = repo / "data"
-    interactions.write_parquet(data / "interactions.parquet")
-    retriever.save(data / "retriever.npz")
-    FeatureClient(repo).apply_and_materialize(served, items)
+    repo = Path(repo)
     result = IngestResult(
         repo,
         served.height,
@@ -92,8 +94,35 @@ def ingest(
         int((interactions["split"] == TEST).sum()),
         dataset.skipped,
     )
-    _write_manifest(data / "dataset.json", dataset, interactions, result, embedding_dim, retriever_config)
+    repo.mkdir(parents=True, exist_ok=True)
+    with staging_folder(repo) as staging:
+        _write_repo(staging, repo, online_store, interactions, retriever, served, items)
+        _write_manifest(
+            staging / "data" / "dataset.json", dataset, interactions, result, embedding_dim, retriever_config
+        )
+        commit(staging, repo)
     return result
+
+
+def _write_repo(
+    staging: Path,
+    repo: Path,
+    online_store: str,
+    interactions: pl.DataFrame,
+    retriever: Retriever,
+    served: pl.DataFrame,
+    items: pl.DataFrame,
+) -> None:
+    """Every ingested file of a complete repo, written into ``staging`` (``repo`` is not touched)."""
+    if (repo / ".feastignore").exists():
+        shutil.copyfile(repo / ".feastignore", staging / ".feastignore")
+    init_repo(staging, online_store, keep_yaml_from=repo)
+    password = online_store_password(online_store)
+    if password:
+        os.environ[PASSWORD_ENV] = password  # Feast reads it from the yaml's ${...} in this process
+    interactions.write_parquet(staging / "data" / "interactions.parquet")
+    retriever.save(staging / "data" / "retriever.npz")
+    FeatureClient(staging).apply_and_materialize(served, items)
 
 
 def fit_retriever(served: pl.DataFrame, items: pl.DataFrame, dim: int, config: RetrieverConfig) -> Retriever:

@@ -1,6 +1,7 @@
 """A failed ingest leaves the previous repo serving: bad input is refused before anything is written."""
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,106 @@ def test_the_repo_still_serves_what_it_served_after_a_refused_ingest(trained_rep
         assert rec.recommend(1, k=5).item_ids == before
     with RcRecommender.from_feature_store(repo, mode="full") as reopened:
         assert reopened.recommend(1, k=5).item_ids == before
+
+
+# Every step after the checks, failing: the repo must stay byte-identical and leave no staging folder.
+FAULTS = {  # step: (module, attribute path, failing call: None = every call, -1 = the commit's last)
+    "interactions parquet": ("polars", "DataFrame.write_parquet", None),
+    "retriever": ("rcllm_sdk.retrieval", "Retriever.save", None),
+    "feast apply": ("feast", "FeatureStore.apply", None),
+    "feast materialize": ("feast", "FeatureStore.materialize", None),
+    "manifest": ("rcllm_sdk.ingest", "_write_manifest", None),
+    "first rename of the commit": ("os", "replace", 1),
+    "a middle rename of the commit": ("os", "replace", 6),
+    "the feature_store.yaml rename": ("os", "replace", -1),
+}
+
+
+def _failing_on_call(original, call: int | None, calls: list):
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if call is None or len(calls) == call:
+            raise OSError(28, "No space left on device (injected)")
+        return original(*args, **kwargs)
+
+    return failing
+
+
+def _renames_of_a_commit(small_repo) -> int:
+    """How many os.replace calls a successful re-ingest makes (the yaml's is the last)."""
+    import os
+
+    from conftest import TINY
+
+    calls = []
+    original = os.replace
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("os.replace", lambda *a, **k: calls.append(a) or original(*a, **k))
+        ingest("synthetic", None, small_repo, synthetic=TINY)
+    assert Path(calls[-1][1]).name == "feature_store.yaml"
+    return len(calls)
+
+
+@pytest.mark.parametrize("step", FAULTS)
+def test_a_failure_at_any_step_leaves_the_previous_repo_byte_for_byte(small_repo, monkeypatch, step):
+    import importlib
+
+    from conftest import TINY
+
+    module, path, call = FAULTS[step]
+    if call == -1:
+        call = _renames_of_a_commit(small_repo)
+    before = _snapshot(small_repo)
+    owner = importlib.import_module(module)
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    monkeypatch.setattr(owner, name, _failing_on_call(getattr(owner, name), call, []))
+    with pytest.raises(OSError, match="injected"):
+        ingest("synthetic", None, small_repo, synthetic=replace(TINY, seed=TINY.seed + 1))
+    monkeypatch.undo()
+    assert _snapshot(small_repo) == before
+    assert not (small_repo / ".ingest-staging").exists() and not (small_repo / ".ingest-previous").exists()
+
+
+def test_a_re_ingest_replaces_the_repo_and_serves_the_new_data(small_repo):
+    from conftest import TINY
+    from rcllm_sdk.features import FeatureClient
+
+    bigger = replace(TINY, n_users=TINY.n_users + 7)
+    result = ingest("synthetic", None, small_repo, synthetic=bigger)
+    assert result.users == bigger.n_users
+    assert FeatureClient(small_repo).histories([bigger.n_users])[0] is not None  # a new user is served
+    assert sorted(p.name for p in small_repo.iterdir() if p.name.startswith(".ingest")) == []
+
+
+def test_a_redis_online_store_keeps_its_password_off_disk_and_switches_namespace(tmp_path, monkeypatch):
+    from conftest import TINY
+    from rcllm_sdk.cache.local_servers import start_redis
+    from rcllm_sdk.features import FeatureClient
+    from rcllm_sdk.features.snapshot import project_of
+    from rcllm_sdk.features.store import PASSWORD_ENV
+
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    server = start_redis(password="s3cr3t-pw")
+    try:
+        url = f"redis://:s3cr3t-pw@127.0.0.1:{server.port}"
+        repo = tmp_path / "repo"
+        ingest("synthetic", None, repo, online_store=url, synthetic=TINY)
+        assert all(b"s3cr3t-pw" not in p.read_bytes() for p in repo.rglob("*") if p.is_file())
+        first = project_of(repo / "feature_store.yaml")
+        served = FeatureClient(repo).histories([1])[0]
+        assert served is not None
+        monkeypatch.delenv(PASSWORD_ENV)
+        with pytest.raises(FeatureRepoError, match=PASSWORD_ENV):
+            FeatureClient(repo)
+        monkeypatch.setenv(PASSWORD_ENV, "s3cr3t-pw")
+        ingest("synthetic", None, repo, online_store=url, synthetic=TINY)
+        assert project_of(repo / "feature_store.yaml") != first
+        assert FeatureClient(repo).histories([1])[0] == served
+        import redis
+
+        keys = redis.Redis(port=server.port, password="s3cr3t-pw").keys(f"*{first}".encode())
+        assert keys == []  # the replaced ingest's namespace was torn down
+    finally:
+        server.stop()

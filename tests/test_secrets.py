@@ -65,7 +65,9 @@ def test_an_fs_directory_that_lmcache_would_split_is_refused(tmp_path, path, mon
 
 
 def test_the_online_store_accepts_any_scheme_case_and_redacts_what_it_refuses():
-    assert 'connection_string: "u:pw@h:6379"' in online_store_yaml("REDIS://u:pw@h:6379")
+    yaml = online_store_yaml("REDIS://u:s3cr3t@h:6379")
+    assert 'connection_string: "h:6379,username=u,password=${RCLLM_ONLINE_STORE_PASSWORD}"' in yaml
+    assert "s3cr3t" not in yaml
     with pytest.raises(FeatureRepoError) as error:
         online_store_yaml(f"memcached://u:{SECRET}@h:1")
     assert SECRET not in str(error.value)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rcllm_sdk.cache import codec, open_store
+from rcllm_sdk.cache.base import FAULT, REMOTE
 from rcllm_sdk.cache.cluster import ClusterConfig, NodeSpec
 from rcllm_sdk.cache.local_servers import free_port, start_lmcache, start_redis
 from rcllm_sdk.errors import ConfigError, InvariantError
@@ -262,11 +263,40 @@ def test_garbled_fs_file_reads_as_none(tmp_path, caplog):
     data = bytearray(files[1].read_bytes())
     data[-3] ^= 0xFF
     files[1].write_bytes(bytes(data))
-    files[2].write_bytes(files[2].read_bytes()[:-10])  # truncated: LMCache's reader reports a miss
+    files[2].write_bytes(files[2].read_bytes()[:-10])  # truncated: LMCache's reader says "miss"
     with caplog.at_level(logging.WARNING, logger="rcllm_sdk.cache"), open_store(url, "m", **OPTS) as store:
         assert store.get(1) is None and store.get(1) is None and store.get(2) is None
-        assert store.stats.errors == 2 and store.stats.hits == 0
+        assert store.stats.errors == 3 and store.stats.hits == 0 and store.stats.misses == 0
     assert sum("corrupt" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_bad_fs_file_is_one_keys_fault_and_lmcache_logs_no_line_for_it(tmp_path, capfd):
+    url = f"fs://{tmp_path}"
+    with open_store(url, "m", **OPTS) as store:
+        store.batched_put([(k, kv(8)) for k in (1, 2, 3)])
+    bad = next(p for p in tmp_path.glob("*.data") if int(p.name.split("@")[3], 16) == 2)
+    bad.write_bytes(bad.read_bytes()[:10])
+    with open_store(url, "m", **OPTS) as store:
+        first = [r.source for r in store.batched_read([2, 1])]
+        assert first == [FAULT, REMOTE]
+        assert store.get(3) is not None  # the bad file opened no circuit breaker
+        store.batched_put([(2, kv(8))])  # recomputed and written back over the bad file
+    with open_store(url, "m", **OPTS) as store:
+        assert store.get(2) is not None and store.stats.errors == 0
+    assert "Failed to read from file" not in capfd.readouterr().err
+
+
+def test_a_deleted_fs_directory_is_created_again_on_the_next_write(tmp_path):
+    import shutil
+
+    folder = tmp_path / "kv"
+    with open_store(f"fs://{folder}", "m", **OPTS) as store:
+        store.batched_put([(1, kv(8))])
+        shutil.rmtree(folder)
+        assert store.batched_put([(2, kv(8))]) == []
+        assert store.stats.errors == 0
+    with open_store(f"fs://{folder}", "m", **OPTS) as store:
+        assert store.get(2) is not None
 
 
 def test_garbled_redis_value_reads_as_none(redis_server):

@@ -184,8 +184,13 @@ class Manager:
 
 
 class _RedactCredentials(logging.Filter):
+    """Redacts credentials; drops the fs connector's ERROR line per unreadable file (the store
+    counts each as a ``corrupt value`` fault and warns once, see :class:`UnreadableValue`)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if message.startswith("Failed to read from file"):
+            return False
         redacted = redact_url(message)
         if redacted != message:
             record.msg, record.args = redacted, None
@@ -219,6 +224,10 @@ def redact_lmcache_logs() -> None:
 
         init_logger.redacts = True
         lmcache_logging.init_logger = init_logger
+
+
+class UnreadableValue(Exception):
+    """An fs:// file that exists but could not be read (truncated, garbled, unreadable)."""
 
 
 class TierFull(Exception):
@@ -260,6 +269,8 @@ class Remote:
         self.manager, self.url, self.timeout_s = manager, url, timeout_s
         self.scheme = {"rediss": "redis"}.get(urlsplit(url).scheme, urlsplit(url).scheme)
         self.can_delete = self.scheme != "lm"  # the lm:// protocol has PUT/GET/EXIST only
+        # A directory has no link to lose: one file's failure must not stop the others' reads.
+        self.link_faults = self.scheme != "fs"
         # DEFECT: LMCServerConnector.get reads a reply's header and its payload under two separate
         # acquisitions of its lock (lm_connector.py:145-164), so two gets in flight on one socket
         # can read each other's bytes. All lm:// calls of a store run one at a time, whole.
@@ -300,12 +311,24 @@ class Remote:
             self._conn = None
 
     def get_many(self, keys: Sequence) -> list:
-        return self._each(keys, lambda conn, key: conn.get(key))
+        got = self._each(keys, lambda conn, key: conn.get(key))
+        if self.scheme != "fs":
+            return got
+        # The fs connector reads a bad file as a miss: ask which misses have a file after all.
+        missed = [i for i, value in enumerate(got) if value is None]
+        present = self.exists_many([keys[i] for i in missed]) if missed else []
+        for i, found in zip(missed, present, strict=True):
+            if found is True:
+                got[i] = UnreadableValue(f"{self._fs_dir()}: the file of a stored block could not be read")
+        return got
 
     def exists_many(self, keys: Sequence) -> list:
         return self._each(keys, lambda conn, key: conn.exists(key))
 
     def put_many(self, keys: Sequence, objs: Sequence) -> list:
+        if self.scheme == "fs":
+            os.makedirs(self._fs_dir(), exist_ok=True)  # recreated if someone deleted it
+
         async def put(conn, pair):
             pair[1].ref_count_up()  # the connector's put consumes one reference
             await conn.put(*pair)
@@ -321,6 +344,9 @@ class Remote:
                 error = stored if isinstance(stored, BaseException) else ConnectionError("PUT not stored")
                 results = [error] * len(keys)
         return results
+
+    def _fs_dir(self) -> str:
+        return urlsplit(self.url).path
 
     def remove(self, key) -> bool:
         if self.scheme == "redis":

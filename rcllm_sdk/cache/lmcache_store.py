@@ -3,8 +3,10 @@ front of a remote (``fs://``, ``lm://``, ``redis://``).
 
 With a remote, the CPU tier is a process-local LRU copy of what this store wrote or read: a
 value enters it only once the remote took it (so a dropped write is dropped everywhere), and
-reads look there first. Remote faults trip a short circuit breaker: for ``retry_s`` seconds
-remote calls are skipped (and counted) instead of each paying the timeout again.
+reads look there first. Faults of a server link trip a short circuit breaker: for ``retry_s``
+seconds remote calls are skipped (and counted) instead of each paying the timeout again. An
+``fs://`` directory has no link: a bad file is one key's fault, and a deleted directory is
+created again on the next write.
 """
 
 from __future__ import annotations
@@ -210,12 +212,14 @@ class LMCacheStore(BlockStore):
 
     def _failed(self, exc: BaseException, n: int) -> None:
         """Count a remote failure; a failed link also opens the circuit breaker for retry_s."""
-        kind = compat.fault_kind(exc)
+        kind = compat.fault_kind(exc) if self._remote.link_faults else None
         self._remote.broken()
         if kind is not None:
             self._down_until, self._down_kind = time.monotonic() + self.options.retry_s, kind
-        if kind is None:
-            kind = "local CPU tier full" if isinstance(exc, compat.TierFull) else "remote error"
+        elif isinstance(exc, compat.TierFull):
+            kind = "local CPU tier full"
+        else:
+            kind = "corrupt value" if isinstance(exc, compat.UnreadableValue) else "remote error"
         self._fault(kind, repr(exc), n)
 
     def _reachable(self, n: int) -> bool:

@@ -14,12 +14,16 @@ USER_FEATURES = ["item_ids", "timestamps"]
 ITEM_FEATURES = ["title", "category", "text", "embedding"]
 
 
-def feature_definitions(data_dir: str | Path) -> list:
-    """Entities and feature views reading the parquet files that ``rcllm ingest`` writes."""
+def feature_definitions(data_dir: str | Path = "data") -> list:
+    """Entities and feature views reading the parquet files that ``rcllm ingest`` writes.
+
+    The default, a path relative to the repo (Feast resolves it against ``repo_path``), keeps the
+    registry valid when ``rcllm ingest`` builds the repo in a staging folder and moves it in place.
+    """
     from feast import Entity, FeatureView, Field, FileSource, ValueType  # lazy: `import feast` takes ~5 s
     from feast.types import Array, Float32, Int64, String
 
-    data_dir = Path(data_dir).resolve()
+    data_dir = Path(data_dir)
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
     history = FeatureView(

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from ..cache.base import redact_url
 from ..errors import FeatureRepoError
 from .definitions import ITEM_FEATURES, ITEM_VIEW, USER_FEATURES, USER_VIEW, feature_definitions
 
-STORE_YAML = """project: rcllm
+if TYPE_CHECKING:
+    import polars as pl
+
+STORE_YAML = """project: {project}
 registry: data/registry.db
 provider: local
 online_store:
@@ -23,16 +27,46 @@ entity_key_serialization_version: 3
 """
 
 
+PASSWORD_ENV = "RCLLM_ONLINE_STORE_PASSWORD"  # feature_store.yaml names it; Feast substitutes it at load
+
+
 def online_store_yaml(online_store: str) -> str:
-    """``sqlite`` (embedded default) or ``redis://host:port[/db]`` as feature_store.yaml lines."""
+    """``sqlite`` (embedded default) or ``redis://[user:password@]host:port[/db]`` as
+    feature_store.yaml lines. A password is never written: the yaml reads it from
+    ``$RCLLM_ONLINE_STORE_PASSWORD`` (Feast's ``${VAR}`` substitution)."""
     if online_store == "sqlite":
         return "  type: sqlite\n  path: data/online_store.db"
     scheme, sep, rest = online_store.partition("://")
-    if sep and scheme.lower() == "redis":
-        return f'  type: redis\n  connection_string: "{rest}"'
+    if sep and scheme.lower() in ("redis", "rediss"):
+        return f'  type: redis\n  connection_string: "{_feast_redis_connection(scheme.lower(), rest)}"'
     raise FeatureRepoError(
         f"online store {redact_url(online_store)!r} is not supported; use sqlite or redis://host:port"
     )
+
+
+def online_store_password(online_store: str) -> str | None:
+    """The password a ``redis://`` online-store URL holds (None when it holds none)."""
+    credentials, at, _ = online_store.partition("://")[2].rpartition("@")
+    return credentials.partition(":")[2] or None if at else None
+
+
+def _feast_redis_connection(scheme: str, rest: str) -> str:
+    """Feast's ``host:port,key=value`` form of a Redis URL's part after ``scheme://``."""
+    credentials, _, address = rest.rpartition("@")
+    host_port, _, db = address.partition("/")
+    username, _, password = credentials.partition(":")
+    if "," in host_port or "," in username or "," in password:
+        raise FeatureRepoError("a Redis online-store URL cannot hold ',' (Feast splits its options on it)")
+    options = [host_port]
+    if db:
+        options.append(f"db={db}")
+    if username:
+        options.append(f"username={username}")
+    if password:
+        options.append(f"password=${{{PASSWORD_ENV}}}")
+    if scheme == "rediss":
+        options.append("ssl=true")
+    return ",".join(options)
 
 
 def check_online_store(online_store: str, timeout_s: float = 2.0) -> None:
@@ -42,7 +76,8 @@ def check_online_store(online_store: str, timeout_s: float = 2.0) -> None:
         return
     import redis
 
-    url = "redis://" + online_store.partition("://")[2]
+    scheme, _, rest = online_store.partition("://")
+    url = f"{scheme.lower()}://{rest}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping()
     except (redis.RedisError, OSError, ValueError) as exc:
@@ -52,17 +87,32 @@ def check_online_store(online_store: str, timeout_s: float = 2.0) -> None:
         ) from exc
 
 
-def init_repo(repo: str | Path, online_store: str = "sqlite") -> Path:
-    """Make ``repo`` a Feast repo (feature_store.yaml, data/, .feastignore); keeps an existing yaml."""
+def init_repo(repo: str | Path, online_store: str = "sqlite", keep_yaml_from: Path | None = None) -> Path:
+    """Make ``repo`` a Feast repo (feature_store.yaml, data/, .feastignore).
+
+    A SQLite repo keeps the feature_store.yaml of ``keep_yaml_from`` (default: ``repo`` itself)
+    when there is one. A Redis online store gets a new Feast project per call, so the keys of
+    the ingest being built never overwrite those of the one serving.
+    """
     repo = Path(repo)
     (repo / "data").mkdir(parents=True, exist_ok=True)
-    yaml = repo / "feature_store.yaml"
-    if not yaml.exists() or online_store != "sqlite":
-        yaml.write_text(STORE_YAML.format(online=online_store_yaml(online_store)))
+    yaml, kept = repo / "feature_store.yaml", Path(keep_yaml_from or repo) / "feature_store.yaml"
+    if online_store == "sqlite" and kept.exists():
+        text = kept.read_text()
+        if "type: redis" in text:  # the repo serves from Redis: build the new keys in a new namespace
+            text = re.sub(r"(?m)^project:.*$", f"project: {_new_project()}", text)
+        yaml.write_text(text)
+    else:
+        project = "rcllm" if online_store == "sqlite" else _new_project()
+        yaml.write_text(STORE_YAML.format(project=project, online=online_store_yaml(online_store)))
     ignore = repo / ".feastignore"
     if not ignore.exists():
         ignore.write_text("data/\n")
     return repo
+
+
+def _new_project() -> str:
+    return f"rcllm_{time.time_ns():x}"
 
 
 class FeatureClient:
@@ -74,6 +124,13 @@ class FeatureClient:
             raise FeatureRepoError(
                 f"{self.repo} has no feature_store.yaml: run `rcllm ingest --repo {self.repo}` first"
             )
+        if f"${{{PASSWORD_ENV}}}" in (self.repo / "feature_store.yaml").read_text() and not os.environ.get(
+            PASSWORD_ENV
+        ):
+            raise FeatureRepoError(
+                f"{self.repo}'s Redis online store needs its password: export {PASSWORD_ENV} "
+                "(it is never written into feature_store.yaml)"
+            )
         os.environ.setdefault("FEAST_USAGE", "False")
         from feast import FeatureStore  # lazy: slow import
 
@@ -81,11 +138,13 @@ class FeatureClient:
 
     def apply_and_materialize(self, user_history: pl.DataFrame, items: pl.DataFrame) -> None:
         """Write the offline parquet files, register the definitions and load the online store."""
+        import polars as pl  # lazy: serving reads through Feast and needs no polars
+
         stamp = datetime.now(timezone.utc).replace(microsecond=0)
         data = self.repo / "data"
         for frame, name in ((user_history, "user_history"), (items, "items")):
             frame.with_columns(pl.lit(stamp).alias("event_timestamp")).write_parquet(data / f"{name}.parquet")
-        self.store.apply(feature_definitions(data))
+        self.store.apply(feature_definitions())
         self.store.materialize(stamp - timedelta(seconds=1), stamp + timedelta(seconds=1))
 
     def histories(self, user_ids: list[int]) -> list[tuple[list[int], list[int]] | None]:

@@ -91,3 +91,103 @@ def test_truncated_and_pickle_weights_are_named_errors(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelLoadError, match="pickle"):
         read_weights(folder)
+
+
+# -- the same guarantees through load_ranker ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny checkpoint re-saved by the SDK (so it carries the weights record)."""
+    from rcllm_sdk.model.ranker import load_ranker, save_ranker
+    from tests.tiny_checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("identity")
+    ranker = load_ranker(make_checkpoint(root / "raw", "qwen2"))
+    return save_ranker(ranker, root / "saved")
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def _probe(ranker) -> torch.Tensor:
+    with torch.no_grad():
+        return ranker.model(torch.tensor([[1, 2, 3, 4]])).logits
+
+
+def test_flipped_bytes_in_sdk_saved_weights_are_refused(saved, tmp_path):
+    from rcllm_sdk.model.ranker import load_ranker
+
+    folder = _copy(saved, tmp_path)
+    _flip_byte(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size - 64)
+    with pytest.raises(ModelLoadError, match="differ from those saved"):
+        load_ranker(folder)
+
+
+def test_a_config_edited_to_another_layer_count_is_refused(saved, tmp_path):
+    import json
+
+    from rcllm_sdk.model.ranker import load_ranker
+
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="config.json"):  # refused by the config's own check
+        load_ranker(folder)
+    config.pop("layer_types", None)  # an edit consistent within the config: refused by the weights
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="does not match its weights"):
+        load_ranker(folder)
+
+
+@pytest.mark.parametrize("name", ["rcllm_template.json", "model.safetensors", "tokenizer_config.json"])
+def test_a_truncated_model_file_is_a_model_load_error_naming_it(saved, tmp_path, name):
+    from rcllm_sdk.model.ranker import load_ranker
+
+    folder = _copy(saved, tmp_path)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
+        load_ranker(folder)
+
+
+def test_a_served_model_keeps_its_weights_and_fingerprint_when_the_folder_changes(saved, tmp_path):
+    from rcllm_sdk.model.ranker import fingerprint, load_ranker
+    from tests.tiny_checkpoints import make_checkpoint
+
+    folder = _copy(saved, tmp_path)
+    ranker = load_ranker(folder)
+    before, loaded_fingerprint = _probe(ranker), ranker.fingerprint
+    retrained = make_checkpoint(tmp_path / "retrained", "qwen2", seed=7)
+    with (folder / "model.safetensors").open("r+b") as fh:  # copied over in place, as `cp` does
+        fh.write((retrained / "model.safetensors").read_bytes())
+    assert torch.equal(_probe(ranker), before) and ranker.fingerprint == loaded_fingerprint
+    assert ranker.changed_files() == [folder / "model.safetensors"]
+    assert fingerprint(folder) != loaded_fingerprint  # a reload would get new block keys
+
+
+def test_a_load_racing_a_retrain_names_the_weights_it_loaded(saved, tmp_path, monkeypatch):
+    """The retrain replaces the file after its bytes were read: the ranker must carry the
+    fingerprint of what it loaded, never the new file's."""
+    from rcllm_sdk.model import sources
+    from rcllm_sdk.model.ranker import fingerprint, load_ranker
+    from tests.tiny_checkpoints import make_checkpoint
+
+    folder = _copy(saved, tmp_path)
+    original = fingerprint(folder)
+    retrained = make_checkpoint(tmp_path / "retrained", "qwen2", seed=7)
+    real = sources.read_weights
+
+    def read_then_retrain(path):
+        loaded = real(path)
+        os.replace(retrained / "model.safetensors", path / "model.safetensors")
+        return loaded
+
+    monkeypatch.setattr(sources, "read_weights", read_then_retrain)
+    monkeypatch.setattr("rcllm_sdk.model.ranker._check_saved_digest", lambda *a: None)
+    ranker = load_ranker(folder)
+    assert ranker.fingerprint == original != fingerprint(folder)

@@ -39,11 +39,10 @@ class FileStamp:
         return cls(path, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-@dataclass(slots=True)
-class Weights:
-    """Tensors by name, the content digest of their files and each file's stamp when read."""
+@dataclass(slots=True, frozen=True)
+class LoadedWeights:
+    """What identifies weights once loaded: their content digest and each file's stamp when read."""
 
-    tensors: dict[str, torch.Tensor]
     digest: str
     stamps: tuple[FileStamp, ...]
 
@@ -57,6 +56,21 @@ class Weights:
             except OSError:
                 changed.append(stamp.path)
         return changed
+
+
+@dataclass(slots=True)
+class Weights:
+    """Tensors by name, read from files whose identity is :attr:`identity`."""
+
+    tensors: dict[str, torch.Tensor]
+    digest: str
+    stamps: tuple[FileStamp, ...]
+
+    def identity(self) -> LoadedWeights:
+        return LoadedWeights(self.digest, self.stamps)
+
+    def changed_files(self) -> list[Path]:
+        return self.identity().changed_files()
 
 
 _digests: dict[FileStamp, str] = {}
@@ -101,7 +115,7 @@ def file_digest(path: Path) -> str:
 
 def digest_of(files: list[Path]) -> str:
     """One digest over the names and contents of ``files``."""
-    return _combine([(f.name, _with_retry(file_digest, f)) for f in files])
+    return combine_digests([(f.name, _with_retry(file_digest, f)) for f in files])
 
 
 def read_weights(folder: Path) -> Weights:
@@ -116,10 +130,10 @@ def read_weights(folder: Path) -> Weights:
         tensors.update(loaded)
         stamps.append(stamp)
         digests.append((f.name, digest))
-    return Weights(tensors, _combine(digests), tuple(stamps))
+    return Weights(tensors, combine_digests(digests), tuple(stamps))
 
 
-def _combine(named_digests: list[tuple[str, str]]) -> str:
+def combine_digests(named_digests: list[tuple[str, str]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, digest in named_digests:
         h.update(name.encode())

@@ -3,18 +3,27 @@ micro ranker trained on it."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-os.environ.setdefault(
-    "MLFLOW_TRACKING_URI",
-    "sqlite:///" + os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rcllm-test-{os.getpid()}.db"),
-)
-
-from rcllm_sdk.data.synthetic import SyntheticConfig  # noqa: E402
+from rcllm_sdk.data.synthetic import SyntheticConfig
 
 TINY = SyntheticConfig(n_users=80, n_items=120, n_categories=4, min_len=5, max_len=14, seed=3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every MLflow run of the session goes to a temporary sqlite store (artifacts beside it),
+    never to the user's store or the working directory."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = "sqlite:///" + str(folder / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.MonkeyPatch.context() as here:
+            here.chdir(folder)  # the store's Default experiment, made now, puts artifacts here, not ./mlruns
+            from mlflow import MlflowClient
+
+            MlflowClient().search_experiments()
+        yield uri
 
 
 @pytest.fixture(scope="session")

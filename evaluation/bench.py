@@ -393,6 +393,10 @@ def run_from_args(args) -> int:
     config = config_from_args(args)
     print("stream:", json.dumps(asdict(config.stream)))
     report = run_bench(config, args.out)
+    if not getattr(args, "no_mlflow", False):
+        from .mlflow_log import log_bench
+
+        log_bench(report, args.out)
     print(markdown(report))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0

@@ -51,7 +51,9 @@ class EvaluateConfig:
         candidates: retriever candidates ranked per user.
         policy: the ``rcllm`` selection policy; ``other_policies`` are evaluated beside it.
         store: KV store URL of the cached modes.
-        progress, log_mlflow: progress bars; an MLflow run with the per-user table.
+        device, dtype: where and in which precision the ranker runs (``RecommenderConfig``).
+        progress, log_mlflow: progress bars; an MLflow parent run with nested per-mode runs.
+        mlflow_tags: extra tags of the parent run (e.g. the pipeline run that asked for it).
     """
 
     source: str | None = "synthetic"
@@ -68,8 +70,11 @@ class EvaluateConfig:
     policy: str = DEFAULT_POLICY
     other_policies: tuple[str, ...] = OTHER_POLICIES
     store: str = "local://"
+    device: str = "cpu"
+    dtype: str = "auto"
     progress: bool = True
     log_mlflow: bool = True
+    mlflow_tags: dict | None = None
 
     def __post_init__(self):
         if self.source is None and self.repo is None:
@@ -105,7 +110,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     if model is None:
         out_dir = repo / "data" / ("evaluated_ranker" if config.repo else "ranker")  # never the served one
         model, training = _train(repo, out_dir, config.train, config.progress)
-    rec = RcRecommender.from_feature_store(repo, model=model, candidates=config.candidates, mode="full")
+    rec = RcRecommender.from_feature_store(
+        repo, model=model, candidates=config.candidates, mode="full", device=config.device, dtype=config.dtype
+    )
     training = training or getattr(rec.ranker, "training", None)  # a given model's own training record
     truth = _test_truth(repo, config.max_users)
     users = sorted(truth)
@@ -121,23 +128,29 @@ def evaluate(config: EvaluateConfig) -> dict:
             ranked = _ranks(variant, users, truth, config.candidates, config.progress, desc=name)
         results[name] = _agreement(ranked, full)
         per_user[name] = ranked.ranks
-    _add_timing(results, rec, users, config)
+    ttft_samples: dict[str, list[float]] = {}
+    _add_timing(results, rec, users, config, ttft_samples)
     report = _report(repo, users, results, model, training, config)
     if config.out:
         Path(config.out).write_text(json.dumps(report, indent=2))
     if config.log_mlflow:
-        _log(report, users, truth, per_user, config.out)
+        from .mlflow_log import log_evaluation
+
+        log_evaluation(report, per_user, users, truth, ttft_samples, repo, config.out, config.mlflow_tags)
     print(markdown_table(report))
     return report
 
 
-def _add_timing(results: dict, rec: RcRecommender, users: list[int], config: EvaluateConfig) -> None:
-    """Warm TTFT of every mode on the first ``timing_samples`` test users, each mode on a fresh engine."""
+def _add_timing(
+    results: dict, rec: RcRecommender, users: list[int], config: EvaluateConfig, samples: dict
+) -> None:
+    """Warm TTFT of every mode on the first ``timing_samples`` test users, each mode on a fresh
+    engine; every request's TTFT goes to ``samples``."""
     timed = users[: config.timing_samples + 1]
     modes = {"full": rec.with_config(mode="full")}
     modes.update(_variants(rec, config.policy, config.other_policies, config.store))
     try:
-        figures = time_modes(modes, timed[1:], warmup_user=timed[0])
+        figures = time_modes(modes, timed[1:], warmup_user=timed[0], ttft_samples=samples)
     finally:
         for variant in modes.values():
             variant.close()
@@ -263,22 +276,3 @@ def _accuracy(ranks: np.ndarray, retriever_ranks: np.ndarray) -> dict:
     out = summarize(ranks)
     out["in_candidates"] = {**summarize(ranks[found]), "users": int(found.sum())}
     return out
-
-
-def _log(report: dict, users, truth, per_user: dict[str, np.ndarray], out) -> None:
-    from rcllm_sdk.tracking import log_run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "per_user.csv"
-        columns = {"user_id": users, "truth": [truth[u] for u in users]}
-        columns.update({f"rank_{name}": ranks for name, ranks in per_user.items()})
-        pl.DataFrame(columns).write_csv(table)
-        artifacts = {"evaluation": table}
-        if out:
-            artifacts["report"] = Path(out)
-        params = {
-            "dataset": report["dataset"],
-            "users": report["users"],
-            **{k: v for k, v in report["config"].items() if k != "training"},
-        }
-        log_run("rcllm-evaluate", params, report["results"], artifacts)

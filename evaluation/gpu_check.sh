@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, prepared as one run (issue 4). From the repository root:
 #
-#   bash evaluation/gpu_check.sh OUT_DIR          # on a CUDA machine: about 6-8 minutes on one H100
+#   bash evaluation/gpu_check.sh OUT_DIR          # on a CUDA machine: about 7-10 minutes on one H100
 #   bash evaluation/gpu_check.sh OUT_DIR --cpu    # CPU fallback: the same steps at toy sizes
 #
 # Needs only python3 with torch, triton, transformers (4.48+ or 5.x) and pytest: no network,
@@ -10,7 +10,10 @@
 # installed package lays them out). Steps: versions; kernel tests against the torch reference
 # (bf16 and serving sizes included on a GPU); kernel benchmark against masked SDPA (and
 # FlashAttention varlen when it imports); end-to-end TTFT of full / prefix / rcllm on a
-# Qwen2-0.5B-shaped random model, reference and long_item workloads. Everything lands in
+# Qwen2-0.5B-shaped random model, reference and long_item workloads; the same shape served
+# through the public API (RcRecommender.from_frames, in-memory features, memory:// store):
+# bf16 policy=full vs mode=full top-1 on every clear margin, fp32 exact modes vs full and the
+# default policy's reuse, TTFT ratios printed (evaluation/frames_check.py). Everything lands in
 # OUT_DIR (JSON + markdown); a failed step is reported and the next one still runs.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [--cpu]}
@@ -60,12 +63,15 @@ if [ "$MODE" = "--cpu" ]; then
   step kernel_bench 300 "$PY" -m rcllm_sdk.evaluation.kernel_bench --cpu --out "$OUT/kernel"
   step e2e_bench 900 "$PY" -m rcllm_sdk.evaluation.bench --model tiny --store memory:// --warm 2 1 --cold 1 1 \
     --other-policies none --out "$OUT/bench/bench.json"
+  step frames 600 "$PY" -m rcllm_sdk.evaluation.frames_check --model tiny --device cpu --users 12 --items 80 \
+    --out "$OUT/frames"
 else
   step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m "gpu or not gpu" \
     --rootdir "$ROOT" "$ROOT/tests/test_kernel.py"
   step kernel_bench 200 "$PY" -m rcllm_sdk.evaluation.kernel_bench --out "$OUT/kernel"
   step e2e_bench 300 "$PY" -m rcllm_sdk.evaluation.bench --model qwen-0.5b --device cuda --store memory:// \
     --warm 30 12 --cold 5 3 --out "$OUT/bench/bench.json"
+  step frames 300 "$PY" -m rcllm_sdk.evaluation.frames_check --model qwen-0.5b --device cuda --out "$OUT/frames"
 fi
 echo "== done: results in $OUT (status $status)"
 exit $status

@@ -22,10 +22,16 @@ from rcllm_sdk.runtime.refresh import refresh_blocks
 CACHED = (SYSTEM, USER, ITEM)  # what refresh precomputes; label and query blocks are always computed
 
 
-def time_modes(modes: dict[str, RcRecommender], users: list[int], warmup_user: int | None) -> dict:
+def time_modes(
+    modes: dict[str, RcRecommender],
+    users: list[int],
+    warmup_user: int | None,
+    ttft_samples: dict[str, list[float]] | None = None,
+) -> dict:
     """``{mode name: timing figures}`` over ``users``; ``modes`` map names to recommenders whose
     stores hold nothing yet (``full`` ones need none). ``warmup_user`` (not among ``users``) is served
-    once per mode, untimed, before the warm state is prepared (None: the first user, then not timed)."""
+    once per mode, untimed, before the warm state is prepared (None: the first user, then not timed).
+    ``ttft_samples``, when given, receives every timed request's TTFT per mode (for plots)."""
     if warmup_user is None:
         warmup_user, users = users[0], users[1:]
     for rec in modes.values():
@@ -39,6 +45,8 @@ def time_modes(modes: dict[str, RcRecommender], users: list[int], warmup_user: i
             result = modes[name].recommend(user)
             for values, value in zip(samples[name], _figures(result), strict=True):
                 values.append(value)
+    if ttft_samples is not None:
+        ttft_samples.update({name: values[0] for name, values in samples.items()})
     return {name: summarize_timing(*values) for name, values in samples.items()}
 
 

@@ -35,8 +35,13 @@ def refresh_repo(
     active_days: float | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
+    log_mlflow: bool = True,
 ) -> dict:
-    """Precompute item and active-user blocks into ``store``; returns the refresh figures."""
+    """Precompute item and active-user blocks into ``store`` with the ranker on ``device`` in
+    ``dtype`` (None: the ``RecommenderConfig`` default); returns the refresh figures (also logged as
+    an ``rcllm-refresh`` MLflow run with a figure, unless ``log_mlflow`` is False)."""
     repo = Path(repo)
     if store.startswith(("local://", "memory://")):
         log.warning(
@@ -44,7 +49,9 @@ def refresh_repo(
             "use fs://, lm:// or redis:// for a cache that serving processes share",
             store,
         )
-    with RcRecommender.from_feature_store(repo, model=model, mode="rcllm", store=store) as rec:
+    with RcRecommender.from_feature_store(
+        repo, model=model, mode="rcllm", store=store, device=device, dtype=dtype
+    ) as rec:
         catalog, template = catalog_from_repo(repo), rec.ranker.template
         histories = [
             [catalog[i] for i in h[-template.max_history :]] for h in active_histories(repo, active_days)
@@ -53,4 +60,9 @@ def refresh_repo(
             histories, list(catalog.values()), template, rec.ranker.tokenizer, rec.ranker.fingerprint
         )
         figures = refresh_blocks(rec.engine, blocks, force=force, progress=progress)
-    return {**figures, "users": len(histories), "items": len(catalog), "store": store}
+    figures = {**figures, "users": len(histories), "items": len(catalog), "store": store}
+    if log_mlflow:
+        from rcllm_sdk.evaluation.mlflow_log import log_refresh
+
+        log_refresh(repo, figures, store, None if model is None else str(model))
+    return figures

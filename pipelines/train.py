@@ -19,11 +19,12 @@ from rcllm_sdk.model.tokenizer import label_token_ids, train_tokenizer
 from rcllm_sdk.prompt import ItemInfo, PromptTemplate, item_token
 from rcllm_sdk.retrieval import Retriever
 
+from . import curves
 from .block_mask import block_attention_mask, mixed_layouts
 from .examples import BlockEncoder, Example, build_examples
 from .train_config import TrainConfig
 
-__all__ = ["TrainConfig", "train_ranker", "tokenizer_corpus", "take_step", "lr_factor"]
+__all__ = ["TrainConfig", "train_ranker", "recipe_template", "tokenizer_corpus", "take_step", "lr_factor"]
 
 
 def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> list[str]:
@@ -34,6 +35,15 @@ def tokenizer_corpus(catalog: dict[int, ItemInfo], template: PromptTemplate) -> 
         )
         for i in catalog.values()
     ]
+
+
+def recipe_template(config: TrainConfig) -> PromptTemplate:
+    """The prompt template of ``config.template`` (YAML), else the default with its item text words."""
+    if config.template:
+        from rcllm_sdk.prompt.template_file import load_template
+
+        return load_template(config.template)
+    return PromptTemplate(item_text_words=config.item_text_words)
 
 
 def train_ranker(
@@ -63,7 +73,11 @@ def train_ranker(
         from .item_lm import train_item_lm_ranker
 
         return train_item_lm_ranker(groups, catalog, out_dir, config, template, progress)
-    template = template or PromptTemplate(item_text_words=config.item_text_words)
+    if config.recipe == "finetune":
+        from .finetune import finetune_ranker
+
+        return finetune_ranker(groups, catalog, out_dir, config, template, progress)
+    template = template or recipe_template(config)
     started = time.perf_counter()
     tokenizer = train_tokenizer(
         tokenizer_corpus(catalog, template), catalog.keys(), template, config.vocab_size
@@ -92,7 +106,8 @@ def _fit(
     ranker: Ranker, examples: list[Example], catalog, config: TrainConfig, progress: bool
 ) -> list[float]:
     model, tok = ranker.model, ranker.tokenizer
-    labels = torch.tensor(label_token_ids(tok, ranker.template.labels[: config.candidates]))
+    template = ranker.template
+    labels = torch.tensor(label_token_ids(tok, template.labels[: config.candidates], template.label_format))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     rng = np.random.default_rng(config.seed)
@@ -152,10 +167,12 @@ def take_step(model, optimizer, schedule, loss: torch.Tensor, losses: list[float
     optimizer.step()
     schedule.step()
     losses.append(loss.item())
+    curves.record("train_loss", losses[-1], len(losses))
     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup over ``config.warmup`` steps, then cosine down to 10% at ``config.steps``."""
     if step < config.warmup:
         return (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)

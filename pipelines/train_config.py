@@ -18,6 +18,8 @@ Which recipe when:
   synthetic worlds), which transfers between items that are rarely seen.
 * ``verbalizer``: every weight trained on the label loss. Kept for comparison: at CPU budgets it
   learns the retriever's order and a position prior, and gives every user nearly the same scores.
+* ``finetune`` (chosen by ``base_model``): a pretrained checkpoint (LoRA adapters, or every weight)
+  trained on the same label loss, on a GPU for real checkpoints (``pipelines/finetune/``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from rcllm_sdk.config import env_values, parse_bool, read_yaml_mapping
-from rcllm_sdk.errors import ConfigError
+from rcllm_sdk.config import DEVICE_PATTERN, DTYPES, env_values, parse_bool, read_yaml_mapping
+from rcllm_sdk.errors import ConfigError, TemplateError
 
-RECIPES = ("verbalizer", "item-lm")
+RECIPES = ("verbalizer", "item-lm", "finetune")
 SIZES = ("micro", "small", "base")
 ITEM_FEATURES = ("auto", "id", "content")
 HEAD_DIM = 32  # every item-LM size preset has heads of 32 dimensions: at most 32 candidates bind
@@ -42,7 +44,11 @@ ID_FEATURES_MIN_INTERACTIONS_PER_ITEM = 100.0
 RECIPE_DEFAULTS = {  # as measured: verbalizer on the synthetic default, item-lm on MovieLens-1M
     "verbalizer": {"batch_size": 32, "lr": 2e-3, "size": "small", "steps": 600},
     "item-lm": {"batch_size": 64, "lr": 3e-3},
+    "finetune": {"batch_size": 4, "steps": 300},  # lr: FINETUNE_LR, per LoRA or full
 }
+FINETUNE_LR = {"lora": 2e-4, "full": 2e-5}  # the usual LoRA / full fine-tuning rates for 0.5-8B LLMs
+DEFAULT_LORA = "8,16,0.05"  # rank, alpha, dropout
+PLACEMENT = ("device", "dtype")  # shared with serving (rcllm evaluate/demo): other recipes ignore them
 FEATURE_DEFAULTS = {  # item-lm, per item features
     # id: the MovieLens-1M setting (early stopping ended it at 1,700 of 2,000 steps).
     "id": {"size": "small", "steps": 2000, "patience": 3, "pretrain_worlds": 0},
@@ -107,6 +113,62 @@ class ContentSettings:
             raise ConfigError(f"pretrain_worlds must be >= 0, got {self.pretrain_worlds}")
 
 
+@dataclass(slots=True)
+class FinetuneSettings:
+    """``finetune`` recipe only: a pretrained checkpoint trained on the label loss. ``lora`` is
+    ``"rank,alpha,dropout"``; ``full`` trains every weight instead; ``merge`` writes a plain merged
+    folder instead of an adapter folder. ``device``/``dtype``: ``auto`` is CUDA with bf16 autocast
+    where available, else CPU in float32."""
+
+    base_model: str = ""  # a local Hugging Face folder or an MLflow model URI
+    lora: str | None = None  # None: DEFAULT_LORA unless full
+    full: bool = False
+    merge: bool = False
+    grad_accum: int = 1  # micro-batches of batch_size per optimiser step
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: bool = False  # continue from the checkpoint in the output folder
+    checkpoint_every: int = 50  # optimiser steps between checkpoints (0: none)
+
+    def lora_spec(self) -> tuple[int, float, float] | None:
+        """``(rank, alpha, dropout)``, or None for full fine-tuning."""
+        if self.full:
+            return None
+        parts = (self.lora or DEFAULT_LORA).split(",")
+        try:
+            rank, alpha, dropout = int(parts[0]), float(parts[1]), float(parts[2])
+        except (ValueError, IndexError):
+            rank = alpha = dropout = -1
+        if len(parts) != 3 or rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+            raise ConfigError(
+                f"lora must be rank,alpha,dropout with rank >= 1, alpha > 0 and 0 <= dropout < 1 "
+                f"(e.g. {DEFAULT_LORA}), got {self.lora!r}"
+            )
+        return rank, alpha, dropout
+
+    def check(self) -> None:
+        if self.full and (self.lora or self.merge):
+            raise ConfigError("full trains every weight: lora and merge are for LoRA fine-tuning only")
+        self.lora_spec()
+        if not DEVICE_PATTERN.match(self.device) or self.dtype not in DTYPES:
+            raise ConfigError(
+                f"device must be auto, cpu, cuda or cuda:N and dtype one of {list(DTYPES)}, "
+                f"got {self.device!r}, {self.dtype!r}"
+            )
+        if self.grad_accum < 1 or self.checkpoint_every < 0:
+            raise ConfigError("grad_accum must be >= 1 and checkpoint_every >= 0")
+
+    def used(self) -> list[str]:
+        """The settings given that only the finetune recipe reads."""
+        defaults = FinetuneSettings()
+        return [
+            f.name
+            for f in fields(self)
+            if f.name not in PLACEMENT and getattr(self, f.name) != getattr(defaults, f.name)
+        ]
+
+
 SECTIONS = {  # flat key -> (section, field)
     "block_aware": ("verbalizer", "block_aware"),
     "block_aware_fraction": ("verbalizer", "block_aware_fraction"),
@@ -117,7 +179,15 @@ SECTIONS = {  # flat key -> (section, field)
     "item_lm_patience": ("item_lm", "patience"),
     "item_features": ("item_lm", "features"),
     "pretrain_worlds": ("content", "pretrain_worlds"),
+    **{name: ("finetune", name) for name in FinetuneSettings.__dataclass_fields__},
 }
+SECTION_RECIPES = {  # which recipes read each section's keys (the finetune recipe trains block-aware too)
+    "verbalizer": ("verbalizer",),
+    "item_lm": ("item-lm",),
+    "content": ("item-lm",),
+    "finetune": ("finetune",),
+}
+FINETUNE_READS = ("block_aware", "block_aware_fraction")
 
 
 @dataclass(slots=True)
@@ -131,7 +201,7 @@ class TrainConfig:
         >>> TrainConfig.resolve(recipe="item-lm", item_features="content", steps=600).content.pretrain_worlds
     """
 
-    recipe: str = "item-lm"
+    recipe: str | None = None  # None: finetune when base_model is given, else item-lm
     size: str | None = None  # micro, small, base (None: the recipe's)
     steps: int | None = None
     batch_size: int | None = None
@@ -144,12 +214,16 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     item_text_words: int = 0  # description words in each item block (0: none)
+    template: str | None = None  # a YAML prompt template (verbalizer, finetune; replaces item_text_words)
     verbalizer: VerbalizerSettings = field(default_factory=VerbalizerSettings)
     item_lm: ItemLMSettings = field(default_factory=ItemLMSettings)
     content: ContentSettings = field(default_factory=ContentSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     choice: str = ""  # how item-lm's catalog-dependent defaults were chosen (set by for_catalog)
 
     def __post_init__(self):
+        if self.recipe is None:
+            self.recipe = "finetune" if self.finetune.base_model else "item-lm"
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
         if self.size is not None and self.size not in SIZES:
@@ -157,9 +231,13 @@ class TrainConfig:
         for name, value in RECIPE_DEFAULTS[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.recipe == "finetune" and self.lr is None:
+            self.lr = FINETUNE_LR["full" if self.finetune.full else "lora"]
         self.verbalizer.check()
         self.item_lm.check()
         self.content.check()
+        self.finetune.check()
+        self._check_finetune()
         if self.recipe == "item-lm":
             self._check_item_lm()
         elif self.item_lm.features not in ("auto", "id") or self.content.pretrain_worlds:
@@ -168,6 +246,36 @@ class TrainConfig:
             raise ConfigError("steps, batch_size and max_examples must be >= 1")
         if self.candidates < 2 or self.item_text_words < 0 or self.threads < 0:
             raise ConfigError("candidates must be >= 2, item_text_words and threads >= 0")
+        if self.template:
+            self._check_template()
+
+    def _check_finetune(self) -> None:
+        if self.recipe != "finetune":
+            given = self.finetune.used()
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: settings of the finetune recipe, which base_model selects "
+                    f"(here the recipe is {self.recipe!r})"
+                )
+            return
+        if not self.finetune.base_model:
+            raise ConfigError("the finetune recipe needs base_model (a Hugging Face folder or MLflow URI)")
+        if self.size is not None or self.verbalizer.history_lm_weight or self.verbalizer.shuffle_candidates:
+            raise ConfigError(
+                "size, history_lm_weight and shuffle_candidates are not finetune settings "
+                "(the model is base_model)"
+            )
+
+    def _check_template(self) -> None:
+        from rcllm_sdk.prompt.template_file import load_template
+
+        if self.recipe == "item-lm":
+            raise TemplateError(
+                "the item-lm recipe builds its own compact prompt (item tokens, relation markers) and "
+                "compiles its label lookup for it: a custom template needs --recipe verbalizer or "
+                "--base-model (fine-tuning)"
+            )
+        load_template(self.template)  # a bad file fails here, before any training
 
     def _check_item_lm(self) -> None:
         unused = self.verbalizer.used()
@@ -191,6 +299,9 @@ class TrainConfig:
     def for_catalog(self, interactions: int, items: int) -> TrainConfig:
         """This config with every None default filled for a catalog of ``items`` items and
         ``interactions`` training interactions (item-lm: features by :func:`choose_item_features`)."""
+        if self.recipe == "finetune":
+            lora = None if self.finetune.full else self.finetune.lora or DEFAULT_LORA
+            return replace(self, finetune=replace(self.finetune, lora=lora), choice=self._finetune_choice())
         if self.recipe != "item-lm":
             return replace(self, choice="verbalizer recipe")
         features, choice = self.item_lm.features, f"item_features={self.item_lm.features} (given)"
@@ -213,11 +324,17 @@ class TrainConfig:
             choice=choice,
         )
 
+    def _finetune_choice(self) -> str:
+        spec = self.finetune.lora_spec()
+        how = "every weight" if spec is None else "LoRA rank {}, alpha {:g}, dropout {:g}".format(*spec)
+        return f"{how} of {self.finetune.base_model}"
+
     def record(self) -> dict:
         """Flat ``{key: value}`` of the settings this recipe uses (the training record's keys)."""
         base = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SECTION_NAMES}
         for key, (section, name) in SECTIONS.items():
-            if (section == "verbalizer") == (self.recipe == "verbalizer"):
+            read = self.recipe in SECTION_RECIPES[section]
+            if read or (self.recipe == "finetune" and key in FINETUNE_READS):
                 base[key] = getattr(getattr(self, section), name)
         return {**base, "choice": self.choice}
 
@@ -238,7 +355,7 @@ class TrainConfig:
     @classmethod
     def from_flat(cls, values: dict) -> TrainConfig:
         """A config from flat keys (no environment or file)."""
-        sections: dict[str, dict] = {"verbalizer": {}, "item_lm": {}, "content": {}}
+        sections: dict[str, dict] = {"verbalizer": {}, "item_lm": {}, "content": {}, "finetune": {}}
         base = {}
         for key, value in values.items():
             if key in SECTIONS:
@@ -251,11 +368,17 @@ class TrainConfig:
             verbalizer=VerbalizerSettings(**sections["verbalizer"]),
             item_lm=ItemLMSettings(**sections["item_lm"]),
             content=ContentSettings(**sections["content"]),
+            finetune=FinetuneSettings(**sections["finetune"]),
         )
 
 
-_SECTION_NAMES = ("verbalizer", "item_lm", "content", "choice")
-_SETTINGS = {"verbalizer": VerbalizerSettings, "item_lm": ItemLMSettings, "content": ContentSettings}
+_SECTION_NAMES = ("verbalizer", "item_lm", "content", "finetune", "choice")
+_SETTINGS = {
+    "verbalizer": VerbalizerSettings,
+    "item_lm": ItemLMSettings,
+    "content": ContentSettings,
+    "finetune": FinetuneSettings,
+}
 _TYPES = {
     **{f.name: f.type for f in fields(TrainConfig) if f.name not in _SECTION_NAMES},
     **{

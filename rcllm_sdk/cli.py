@@ -4,22 +4,28 @@ bench-storage, demo."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
-from dataclasses import asdict
 
 from .cli_args import (
     DEMO_REPO,
     DEMO_TRAINING,
     _data_args,
     _evaluate_args,
+    _model_device_args,
     _repo_args,
     _serving_args,
     _train_args,
+    _train_device_args,
 )
 from .errors import ConfigError, RcLLMError
 from .runtime.policies import DEFAULT_POLICY
+
+# Subcommands that live beside the code they run: each module's ``add_commands(sub)`` adds its
+# parsers (argparse only at import: `rcllm --help` must not load torch, Feast or MLflow).
+COMMAND_MODULES = ("rcllm_sdk.serving.commands", "rcllm_sdk.pipelines.commands")
 
 
 def _synthetic(args):
@@ -38,6 +44,11 @@ def _synthetic(args):
 def cmd_ingest(args) -> None:
     from .ingest import ingest
 
+    if getattr(args, "append", False):
+        from .ingest_append import append_source
+
+        print(append_source(args.repo, args.source, args.path, args.skip_bad_rows).summary())
+        return
     result = ingest(
         args.source,
         args.path,
@@ -64,26 +75,19 @@ def cmd_train(args) -> None:
 
 def cmd_recommend(args) -> None:
     from .recommender import RcRecommender
+    from .serving.payload import recommendation_json
 
     with RcRecommender.from_feature_store(
-        args.repo, model=args.model, mode=args.mode, policy=args.policy, store=args.store
+        args.repo,
+        model=args.model,
+        mode=args.mode,
+        policy=args.policy,
+        store=args.store,
+        device=args.device,
+        dtype=args.dtype,
     ) as rec:
         for user in args.user:
-            r = rec.recommend(user, k=args.k)
-            print(
-                json.dumps(
-                    {
-                        "user_id": r.user_id,
-                        "item_ids": r.item_ids,
-                        "scores": [round(s, 3) for s in r.scores],
-                        "ttft_ms": round(r.ttft_ms, 2),
-                        "e2e_ms": round(r.e2e_ms, 2),
-                        "source": r.source,
-                        "mode": r.mode,
-                        "cache": asdict(r.cache),
-                    }
-                )
-            )
+            print(json.dumps(recommendation_json(rec.recommend(user, k=args.k))))
 
 
 def cmd_evaluate(args) -> None:
@@ -114,6 +118,8 @@ def _evaluate_config(args, **overrides):
         candidates=args.candidates,
         policy=args.policy or DEFAULT_POLICY,
         store=args.store or "local://",
+        device=args.device or "cpu",
+        dtype=args.dtype or "auto",
     )
     return EvaluateConfig(**{**values, **overrides})
 
@@ -122,7 +128,13 @@ def cmd_refresh(args) -> None:
     from .pipelines.refresh import refresh_repo
 
     figures = refresh_repo(
-        args.repo, model=args.model, store=args.store, active_days=args.active_days, force=args.force
+        args.repo,
+        model=args.model,
+        store=args.store,
+        active_days=args.active_days,
+        force=args.force,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
 
@@ -182,6 +194,7 @@ TRAIN_KEYS = (
     "max_examples",
     "vocab_size",
     "threads",
+    "template",
     "block_aware",
     "block_aware_fraction",
     "history_lm_weight",
@@ -190,7 +203,18 @@ TRAIN_KEYS = (
     "item_lm_patience",
     "item_features",
     "pretrain_worlds",
+    "base_model",
+    "lora",
+    "full",
+    "merge",
+    "grad_accum",
+    "gradient_checkpointing",
+    "resume",
+    "checkpoint_every",
+    "device",
+    "dtype",
 )
+SWITCHES = ("block_aware", "full", "merge", "gradient_checkpointing", "resume")  # store_true flags
 
 
 def _train_config(args):
@@ -198,7 +222,8 @@ def _train_config(args):
     from .pipelines.train_config import TrainConfig
 
     flags = {key: getattr(args, key, None) for key in TRAIN_KEYS}
-    flags["block_aware"] = flags["block_aware"] or None  # store_true: absent means "not given"
+    for key in SWITCHES:
+        flags[key] = flags[key] or None  # store_true: absent means "not given"
     try:
         return TrainConfig.resolve(getattr(args, "train_config", None), **flags)
     except ConfigError as exc:
@@ -213,12 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="load a source, split it, embed items, fill the Feast repo")
     _data_args(p, 2500, 1200)
     _repo_args(p)
+    p.add_argument(
+        "--append", action="store_true", help="add the source's interactions/items to the ingested --repo"
+    )
     p.set_defaults(func=cmd_ingest)
     p = sub.add_parser("train", help="train the ranker on an ingested repo's training split")
     p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
-    p.add_argument("--out", help="model folder (default <repo>/data/ranker)")
+    p.add_argument("--out", help="model folder (default: a new <repo>/data/models/v<N>, then data/ranker)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     _train_args(p)
+    _train_device_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("recommend", help="rank items for users")
     p.add_argument("--repo", default=DEMO_REPO, help=f"ingested feature repo (default {DEMO_REPO})")
@@ -251,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--active-days", type=float, help="only users active this many days before the newest event"
     )
     p.add_argument("--force", action="store_true", help="recompute blocks that are already stored")
+    _model_device_args(p)
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser(
         "place", help="shard map of the item blocks: balanced clusters of the Feast item embeddings"
@@ -295,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _repo_args(p)
     p.add_argument("--eval-out", help="report JSON (default <repo>/data/demo_evaluation.json)")
     p.set_defaults(func=cmd_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

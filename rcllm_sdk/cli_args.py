@@ -85,7 +85,9 @@ def _data_args(p, users: int, items: int, source: str | None = "synthetic") -> N
 RECIPE_HELP = (
     "item-lm (default): an item-level LM over the history blocks with the label lookup compiled around "
     "it; the ranker reads each user's history (use it). verbalizer: every weight trained on the label "
-    "loss; at CPU budgets it ranks nearly alike for every user (use it only to compare)"
+    "loss; at CPU budgets it ranks nearly alike for every user (use it only to compare). "
+    "--base-model selects a third, finetune: a pretrained LLM trained on the label loss (use it on a GPU "
+    "to serve your own Llama/Qwen/Mistral checkpoint; item-lm stays the CPU default)"
 )
 FEATURES_HELP = (
     "item-lm: id = one learned embedding per item (use on catalogs with many interactions per item, "
@@ -125,6 +127,13 @@ def _train_args(p, demo: bool = False) -> None:
         "(default 0: the item alone); more text makes block reuse pay more",
     )
     p.add_argument(
+        "--template",
+        metavar="YAML",
+        help="prompt template file (item fields, history length, instruction, label format, BOS, chat "
+        "template: docs/configuration.md); verbalizer and --base-model only, replaces --item-text-words; "
+        "saved with the model and served as trained",
+    )
+    p.add_argument(
         "--max-examples",
         type=int,
         help="training examples drawn (user, position) at random "
@@ -155,19 +164,78 @@ def _train_args(p, demo: bool = False) -> None:
     p.add_argument(
         "--block-aware",
         action="store_true",
-        help="verbalizer: train with the block attention "
+        help="verbalizer, finetune: train with the block attention "
         "structure rcllm serves with (user and item blocks see the system block and themselves)",
     )
     p.add_argument(
         "--block-aware-fraction",
         type=float,
-        help="verbalizer with --block-aware: share of "
+        help="verbalizer or finetune with --block-aware: share of "
         "training prompts with the block mask, the rest full attention (default 1.0)",
     )
     p.add_argument(
         "--history-lm-weight",
         type=float,
         help="verbalizer: weight of an auxiliary next-token loss over the history block (default 0)",
+    )
+    _finetune_args(p)
+
+
+def _finetune_args(p) -> None:
+    """The finetune recipe's flags (``--base-model`` selects it)."""
+    p.add_argument(
+        "--base-model",
+        metavar="PATH_OR_URI",
+        help="fine-tune this pretrained checkpoint (a Hugging Face folder or an MLflow model URI) "
+        "instead of building a ranker from scratch: selects the finetune recipe (see docs/training.md)",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="R,ALPHA,DROPOUT",
+        help="finetune: LoRA adapters of this rank, alpha and dropout on the attention and MLP "
+        "projections (default 8,16,0.05); the output is an adapter folder over --base-model",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="finetune: train every weight instead of LoRA adapters"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="finetune with LoRA: write a plain Hugging Face folder with the adapters merged in",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        help="finetune: micro-batches of --batch-size per optimiser step (default 1)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="finetune: recompute layer activations in the backward pass (less memory, ~30%% slower)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finetune: continue from the checkpoint in --out (written every --checkpoint-every steps)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="finetune: steps between resumable checkpoints in <out>/checkpoint (default 50; 0: none)",
+    )
+
+
+def _train_device_args(p) -> None:
+    """Where ``rcllm train`` trains (the finetune recipe; the others train on the CPU)."""
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="finetune: where to train (default auto: CUDA when available, else CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="finetune: autocast dtype on CUDA (default auto: bfloat16 where supported); CPU: float32",
     )
 
 
@@ -208,3 +276,14 @@ def _evaluate_args(p, timing_samples: int = 200) -> None:
 def _serving_args(p) -> None:
     p.add_argument("--policy", help=f"rcllm selection policy (default {DEFAULT_POLICY})")
     p.add_argument("--store", help="block store URL (default local://)")
+    _model_device_args(p)
+
+
+def _model_device_args(p) -> None:
+    """Where the served model runs (``RecommenderConfig.device`` / ``dtype``)."""
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (CUDA when present)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (default auto: bfloat16 on CUDA where the ranker allows it, else float32)",
+    )

@@ -8,6 +8,7 @@ Environment names are the upper-cased field names, e.g. ``RCLLM_CANDIDATES=30``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Container
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,8 @@ from .runtime.policies import DEFAULT_POLICY, parse_policy
 COLD_START = ("raise", "popular")
 MODES = ("rcllm", "prefix", "full")
 ATTENTION = ("auto", "torch", "triton")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -42,6 +45,9 @@ class RecommenderConfig:
         guard: in ``rcllm`` mode, run full prefill for a prompt too short for reuse to pay (a
             cost model measured on the ranker when the engine first scores; the result says so:
             ``mode`` "full", ``cache.fallback_full``). Off: always reuse.
+        device: where the ranker runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present).
+        dtype: the ranker's precision: ``auto`` (bfloat16 on CUDA where the recipe allows it,
+            float32 otherwise), ``float32``, ``bfloat16`` or ``float16``.
     """
 
     candidates: int = 20
@@ -54,6 +60,8 @@ class RecommenderConfig:
     attention: str = "auto"
     prefix_chunk: int = 16
     guard: bool = True
+    device: str = "cpu"
+    dtype: str = "auto"
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -68,6 +76,10 @@ class RecommenderConfig:
             raise ConfigError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.prefix_chunk < 1:
             raise ConfigError(f"prefix_chunk must be >= 1, got {self.prefix_chunk}")
+        if not DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         parse_policy(self.policy)  # raises ConfigError on a bad spec
 
     @classmethod

@@ -25,6 +25,20 @@ class ModelLoadError(RcLLMError):
     """The model path or URI does not hold a usable causal LM with rotary positions."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint loads but the block runner cannot serve it: not a rotary causal LM of a
+    supported family, a RoPE scaling that depends on the sequence, active sliding-window
+    attention, or code outside ``transformers`` (``trust_remote_code``)."""
+
+
+class UnsupportedDtypeError(ModelLoadError):
+    """The ranker cannot be served in the asked-for dtype (an item-lm ranker needs float32)."""
+
+
+class DeviceUnavailableError(RcLLMError):
+    """The asked-for device (``cuda``, ``cuda:N``) is not available on this machine."""
+
+
 class NotEnoughCandidatesError(RcLLMError):
     """More items were asked for than the retriever could supply."""
 
@@ -36,6 +50,16 @@ class InvalidRequestError(RcLLMError, ValueError):
 
 class ConfigError(RcLLMError):
     """A configuration value is invalid."""
+
+
+class TemplateError(ConfigError):
+    """A prompt template (YAML file or saved ``rcllm_template.json``) has an unknown key, a bad
+    value, or asks for something the tokenizer or the ranker cannot do (BOS, chat template)."""
+
+
+class LabelTokenError(ConfigError):
+    """A candidate label is not one token of its own in this tokenizer as the label block writes
+    it, or two labels share a token id: the ranking could not be read from the label logits."""
 
 
 class InvariantError(RcLLMError, ValueError):
@@ -53,3 +77,33 @@ class CompileError(RcLLMError):
 
 class ServiceStartError(RcLLMError, RuntimeError):
     """A local helper service (redis-server, an LMCache server) could not be started."""
+
+
+class UnknownItemError(RcLLMError):
+    """A requested item id (a client-supplied candidate) is not in the catalog."""
+
+
+class Overloaded(RcLLMError):
+    """The server's admission queue is full (or it is shutting down): retry after a pause.
+    HTTP 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RcLLMError):
+    """A request waited in the admission queue past its deadline and was not served (HTTP 504)."""
+
+
+class AuthenticationError(RcLLMError):
+    """A request to the HTTP service lacks the bearer API key the server requires (HTTP 401)."""
+
+
+class PipelineBusyError(RcLLMError):
+    """Another ``rcllm pipeline run`` holds the feature repo's pipeline lock; wait for it to finish."""
+
+
+class PipelineStepError(RcLLMError):
+    """A pipeline step could not finish (e.g. some blocks could not be written); serving stays on
+    the current champion. Run the pipeline again to resume."""

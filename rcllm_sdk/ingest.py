@@ -77,9 +77,21 @@ def ingest(
         >>> ingest("synthetic", None, "feature_repo/")
     """
     dataset = load(source, path, skip_bad_rows=skip_bad_rows, synthetic=synthetic)
+    return ingest_dataset(dataset, repo, online_store, embedding_dim, retriever_config or RetrieverConfig())
+
+
+def ingest_dataset(
+    dataset: Dataset,
+    repo: str | Path,
+    online_store: str = "sqlite",
+    embedding_dim: int = 32,
+    retriever_config: RetrieverConfig | None = None,
+) -> IngestResult:
+    """Split ``dataset``, fit the retriever, check the online store, then build the repo in a
+    staging folder and commit it (what :func:`ingest` and ``rcllm ingest --append`` share)."""
+    retriever_config = retriever_config or RetrieverConfig()
     interactions = leave_one_out(dataset.interactions)
     served = histories(interactions, exclude=(TEST,))
-    retriever_config = retriever_config or RetrieverConfig()
     retriever = fit_retriever(served, dataset.items, embedding_dim, retriever_config)
     items = dataset.items.with_columns(
         pl.Series("embedding", retriever.embeddings, dtype=pl.List(pl.Float32))

@@ -10,12 +10,23 @@ import torch
 
 from . import validation
 from .config import RecommenderConfig
-from .errors import EmptyHistoryError, FeatureRepoError, NotEnoughCandidatesError, UnknownUserError
+from .errors import (
+    EmptyHistoryError,
+    FeatureRepoError,
+    NotEnoughCandidatesError,
+    UnknownItemError,
+    UnknownUserError,
+)
 from .features import FeatureClient
+from .model.device import check_placement
 from .model.ranker import Ranker, load_ranker
 from .model.scoring import score_full
 from .model.tokenizer import label_token_ids
+from .model.watch import WeightsWatch
+from .model_follow import AliasFollower, SwapLock
 from .prompt import ItemInfo, PromptEncoder, RenderedPrompt
+from .prompt.check import warn_if_blocks_differ
+from .prompt.template_file import with_template
 from .retrieval import Retriever
 from .runtime.engine import BlockEngine
 from .types import CacheStats, Recommendation
@@ -46,6 +57,9 @@ class RcRecommender:
         self, features: FeatureClient, retriever: Retriever, ranker: Ranker, config: RecommenderConfig
     ):
         self.features, self.retriever, self.ranker, self.config = features, retriever, ranker, config
+        self.swap_lock, self.follower, self.model_source = SwapLock(), None, None  # see reload()
+        self.weights_watch = WeightsWatch()  # warns when the served model's files change on disk
+        check_placement(ranker.model, config.device, config.dtype, ranker.training.get("recipe"))
         if config.threads:
             torch.set_num_threads(config.threads)
         labels = ranker.template.labels[: config.candidates]
@@ -53,8 +67,9 @@ class RcRecommender:
             raise NotEnoughCandidatesError(
                 f"the template has {len(labels)} labels; set candidates <= {len(labels)}"
             )
-        self.label_ids = label_token_ids(ranker.tokenizer, labels)
+        self.label_ids = label_token_ids(ranker.tokenizer, labels, ranker.template.label_format)
         self.encoder = PromptEncoder(ranker.template, ranker.tokenizer)
+        warn_if_blocks_differ(self.encoder, ranker.fingerprint)
         self.engine = None
         if config.mode != "full":
             from .cache import open_store  # lazy: LMCache is heavy and only needed when caching
@@ -70,13 +85,28 @@ class RcRecommender:
             if config.mode == "rcllm" and config.guard:
                 self.engine.calibrate_guard()  # here, not inside the first request's latency
 
+    @property
+    def model_version(self) -> str:
+        """The ranker's registry version where it came from the MLflow registry, else its fingerprint."""
+        return self.ranker.version or self.ranker.fingerprint
+
     def with_config(self, **overrides) -> RcRecommender:
         """A recommender sharing this one's features, retriever and ranker under changed
         settings, e.g. ``rec.with_config(mode="prefix")``; close it when done."""
         return RcRecommender(self.features, self.retriever, self.ranker, replace(self.config, **overrides))
 
+    def reload(self) -> bool:
+        """Load the model this recommender was opened with as it is now (an alias's current version,
+        the folder ``rcllm train`` last pointed ``<repo>/data/ranker`` at) and swap it in between
+        requests; True when the model changed (:mod:`rcllm_sdk.model_follow`)."""
+        from .model_follow import reload
+
+        return reload(self)
+
     def close(self) -> None:
         """Release the KV store (remote connections, LMCache workers)."""
+        if self.follower is not None:
+            self.follower.stop()
         if self.engine is not None:
             self.engine.close()
             self.engine.store.close()
@@ -93,6 +123,9 @@ class RcRecommender:
         repo_path: str | Path,
         model: str | Path | None = None,
         config_file: str | Path | None = None,
+        template: str | Path | None = None,
+        follow_alias: bool = False,
+        follow_interval_s: float = 60.0,
         **config,
     ) -> RcRecommender:
         """Open an ingested feature repo and a ranker.
@@ -101,9 +134,14 @@ class RcRecommender:
 
         Args:
             repo_path: a feature repo filled by ``rcllm ingest``.
-            model: a local Hugging Face folder or an MLflow URI (``runs:/<run_id>/model``);
+            model: a local Hugging Face folder, a PEFT adapter folder (merged into its base) or
+                an MLflow URI of either (``runs:/<run_id>/model``, ``models:/<name>@<alias>``);
                 defaults to ``<repo>/data/ranker``, where ``rcllm train`` saves.
             config_file: a YAML file of :class:`RecommenderConfig` fields.
+            template: a YAML prompt template (docs/configuration.md) served instead of the one
+                saved with the model (``TemplateError`` when invalid or for an item-lm ranker).
+            follow_alias: poll ``model`` (e.g. ``models:/rcllm-ranker@champion``) every
+                ``follow_interval_s`` seconds and swap in the version it names (:meth:`reload`).
             **config: :class:`RecommenderConfig` fields (``mode``, ``policy``, ``store``,
                 ``candidates``, ...); ``None`` values are ignored.
 
@@ -113,7 +151,9 @@ class RcRecommender:
         Raises:
             FeatureRepoError: ``repo_path`` is not an ingested feature repo.
             ModelLoadError: ``model`` is not a usable causal LM with rotary positions and a
-                tokenizer (or an item-lm ranker asked for in a dtype other than float32).
+                tokenizer; ``UnsupportedModelError`` (a subclass) names what is supported, and
+                ``UnsupportedDtypeError`` an item-lm ranker asked for in a dtype other than float32.
+            DeviceUnavailableError: ``device`` is CUDA on a machine without it.
             ConfigError: an unknown key, a value of the wrong type or an invalid value (mode,
                 policy, store URL, ...) in ``config``, ``config_file`` or the environment.
             NotEnoughCandidatesError: the ranker's template has fewer labels than ``candidates``.
@@ -129,29 +169,58 @@ class RcRecommender:
                 f"{repo} is not an ingested feature repo ({retriever_file} missing): "
                 f"run `rcllm ingest --repo {repo}` first"
             )
-        ranker = load_ranker(model if model is not None else repo / "data" / "ranker")
-        return cls(
-            FeatureClient(repo),
-            Retriever.load(retriever_file),
-            ranker,
-            RecommenderConfig.resolve(config_file, **config),
-        )
+        settings = RecommenderConfig.resolve(config_file, **config)
+        source = model if model is not None else repo / "data" / "ranker"
+        if str(source).startswith(("models:/", "runs:/")):
+            from .tracking import configure
 
-    def recommend(self, user_id: int, k: int = 10) -> Recommendation:
+            configure(repo)  # MLFLOW_TRACKING_URI, else the repo's own store
+        ranker = load_ranker(
+            source,
+            dtype=settings.dtype,
+            device=settings.device,
+        )
+        ranker = with_template(ranker, template)
+        rec = cls(FeatureClient(repo), Retriever.load(retriever_file), ranker, settings)
+        rec.model_source = None if template else source  # a template override is not reloaded
+        rec.follower = AliasFollower(rec, follow_interval_s) if follow_alias else None
+        return rec
+
+    @classmethod
+    def from_frames(
+        cls, users, items, model, template=None, config_file=None, retriever=None, **config
+    ) -> RcRecommender:
+        """Serve from data held in memory, without Feast, polars or LMCache (notebooks, tests).
+
+        ``users``: each user's item ids oldest first, or interaction rows; ``items``: item features
+        (dicts or a pandas/polars DataFrame: :mod:`rcllm_sdk.features.memory`); ``model``: as in
+        :meth:`from_feature_store`, or a loaded ``Ranker``; ``retriever``: a ``RetrieverConfig``
+        or a fitted ``Retriever`` (default: fitted on ``users``). The store defaults to ``memory://``.
+        """
+        from .features.memory import in_memory
+
+        parts = in_memory(users, items, model, template, config_file, config, retriever)
+        return cls(*parts)
+
+    def recommend(self, user_id: int, k: int = 10, candidates: list[int] | None = None) -> Recommendation:
         """Top-``k`` items for one user.
 
         Args:
             user_id: a user of the feature store.
             k: items to return, 1 to ``config.candidates``.
+            candidates: item ids to rank instead of the retriever's (1 to ``config.candidates``
+                distinct catalog items, at least ``k``).
 
         Returns:
             A :class:`Recommendation`, best item first, with timings and cache figures.
 
         Raises:
             InvalidRequestError: ``user_id`` is not an integer (bool, float, str) or is out of
-                the 64-bit range, or ``k`` is not an integer.
+                the 64-bit range, ``k`` is not an integer, or ``candidates`` is not a list of
+                distinct integer item ids.
             NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
-                fewer unseen items than ``candidates``.
+                fewer unseen items than ``candidates`` (or fewer than ``k`` were given).
+            UnknownItemError: a given candidate is not in the catalog.
             UnknownUserError: the user is not in the feature store (``cold_start="raise"``).
             EmptyHistoryError: the user has no interactions (``cold_start="raise"``).
             FeatureRepoError: the feature store could not be read.
@@ -160,9 +229,20 @@ class RcRecommender:
             >>> r = rec.recommend(user_id=1, k=5)
             >>> r.item_ids, r.ttft_ms, r.cache.hits
         """
-        return self.recommend_batch([user_id], k)[0]
+        return self.recommend_batch([user_id], k, None if candidates is None else [candidates])[0]
 
-    def recommend_batch(self, user_ids: list[int], k: int = 10) -> list[Recommendation]:
+    async def arecommend(
+        self, user_id: int, k: int = 10, candidates: list[int] | None = None
+    ) -> Recommendation:
+        """:meth:`recommend` for asyncio callers: runs in a worker thread, the event loop stays
+        free (``rcllm_sdk.serving.scheduler.Scheduler`` batches concurrent callers)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.recommend, user_id, k, candidates)
+
+    def recommend_batch(
+        self, user_ids: list[int], k: int = 10, candidates: list[list[int] | None] | None = None
+    ) -> list[Recommendation]:
         """Top-``k`` items for each of several users.
 
         Users are served ``config.batch_size`` at a time: one Feast read for the items of
@@ -173,13 +253,17 @@ class RcRecommender:
         Args:
             user_ids: users of the feature store.
             k: items per user, 1 to ``config.candidates``.
+            candidates: per user, item ids to rank instead of the retriever's, or ``None``
+                (the retriever's); as in :meth:`recommend`.
 
         Returns:
             One :class:`Recommendation` per user, in the order of ``user_ids``.
 
         Raises:
             InvalidRequestError: ``user_ids`` is not a list of integers (a string, a bool, a
-                float, an id out of the 64-bit range), or ``k`` is not an integer.
+                float, an id out of the 64-bit range), ``k`` is not an integer, or
+                ``candidates`` is malformed.
+            UnknownItemError: a given candidate is not in the catalog.
             NotEnoughCandidatesError: ``k`` is outside 1..``candidates``, or the retriever found
                 fewer unseen items than ``candidates`` for a user.
             UnknownUserError: a user is not in the feature store (``cold_start="raise"``).
@@ -189,9 +273,15 @@ class RcRecommender:
         Example:
             >>> [r.item_ids[0] for r in rec.recommend_batch([1, 2, 3], k=5)]
         """
+        with self.swap_lock.reading():  # a model swap waits for this batch: one version per request
+            return self._serve_batch(user_ids, k, candidates)
+
+    def _serve_batch(self, user_ids, k, candidates) -> list[Recommendation]:
         started = time.perf_counter()
+        self.weights_watch.check(self.ranker)
         user_ids = validation.user_ids(user_ids)
         k = self._check_k(k)
+        chosen = [self._check_candidates(c, k) for c in validation.candidate_lists(candidates, len(user_ids))]
         histories = self.features.histories(user_ids)
         results: dict[int, Recommendation] = {}
         pending = []
@@ -202,7 +292,7 @@ class RcRecommender:
             else:
                 pending.append((slot, user, history))
         for chunk in _chunks(pending, self.config.batch_size):
-            for slot, rec in self._rank_chunk(chunk, k, started):
+            for slot, rec in self._rank_chunk(chunk, k, started, chosen):
                 results[slot] = rec
         return [results[i] for i in range(len(user_ids))]
 
@@ -214,6 +304,18 @@ class RcRecommender:
                 f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`"
             )
         return k
+
+    def _check_candidates(self, items: list[int] | None, k: int) -> list[int] | None:
+        if items is None:
+            return None
+        unknown = [i for i in items if i not in self.retriever.index]
+        if unknown:
+            raise UnknownItemError(f"candidates {unknown[:10]} are not in the catalog; pass known item ids")
+        if not k <= len(items) <= self.config.candidates:
+            raise NotEnoughCandidatesError(
+                f"{len(items)} candidates given for k={k}; give k to {self.config.candidates} items"
+            )
+        return items
 
     def _history_or_cold_start(self, user: int, found) -> list[int] | None:
         if found is None:
@@ -241,10 +343,19 @@ class RcRecommender:
             0.0,
             _ms_since(started),
             source="popularity",
+            model_version=self.model_version,
         )
 
-    def _rank_chunk(self, chunk, k: int, started: float):
-        prompts = self._prompts([history for _, _, history in chunk])
+    def _rank_chunk(self, chunk, k: int, started: float, chosen: list[list[int] | None]):
+        histories = [history for _, _, history in chunk]
+        if all(chosen[slot] is None for slot, _, _ in chunk):
+            prompts = self._prompts(histories)
+        else:
+            shown = [h[-self.ranker.template.max_history :] for h in histories]
+            plans = [
+                (s, chosen[slot] or self._candidates(h)) for s, (slot, _, h) in zip(shown, chunk, strict=True)
+            ]
+            prompts = self._render(plans)
         t0 = time.perf_counter()
         scored = self._score(prompts, [self.label_ids[: len(p.candidate_ids)] for p in prompts])
         ttft = _ms_since(t0)
@@ -265,6 +376,7 @@ class RcRecommender:
                     prompt_tokens=len(prompt.input_ids),
                     candidates=list(prompt.candidate_ids),
                     cache=cache,
+                    model_version=self.model_version,
                 ),
             )
 
@@ -279,7 +391,7 @@ class RcRecommender:
                 label_ids,
                 self.ranker.tokenizer.pad_token_id,
             )
-            return [(s, CacheStats()) for s in scores]
+            return [(s.cpu(), CacheStats()) for s in scores]
         scored = (
             self.engine.score(prompts, label_ids)
             if self.config.mode == "rcllm"

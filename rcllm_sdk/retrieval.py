@@ -1,14 +1,21 @@
 """First-stage candidate retrieval: item-to-item transitions blended with embedding similarity
 and popularity, excluding items the user has seen. No torch: this module only plans.
+
+Transitions are a scipy sparse matrix; where scipy is not installed (a torch + transformers
+environment such as ``evaluation/gpu_check.sh``'s), :meth:`Retriever.fit` keeps them dense, which
+suits small catalogs only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,7 +46,7 @@ class Retriever:
     def __init__(
         self,
         item_ids: np.ndarray,
-        transitions: sp.csr_matrix,
+        transitions: sp.csr_matrix | np.ndarray,
         log_popularity: np.ndarray,
         embeddings: np.ndarray,
         config: RetrieverConfig = RetrieverConfig(),
@@ -69,17 +76,14 @@ class Retriever:
                     rows.append(seq[:-step])
                     cols.append(seq[step:])
                     vals.append(np.full(len(seq) - step, 1.0 / step))
-        if rows:
-            counts = sp.coo_matrix(
-                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
-            ).tocsr()
-        else:
-            counts = sp.csr_matrix((n, n))
-        row_sums = np.asarray(counts.sum(axis=1)).ravel()
-        transitions = sp.diags(1.0 / np.maximum(row_sums, 1e-9)) @ counts
+        pairs = [
+            np.concatenate(x) if x else np.zeros(0, dtype)
+            for x, dtype in ((rows, int), (cols, int), (vals, float))
+        ]
+        transitions = _row_normalised(*pairs, n)
         counts = np.bincount(np.concatenate(dense), minlength=n) if dense else np.zeros(n)
         log_popularity = np.log1p(counts) / max(np.log1p(counts).max(), 1e-9)
-        return cls(item_ids, transitions.tocsr(), log_popularity, embeddings, config)
+        return cls(item_ids, transitions, log_popularity, embeddings, config)
 
     def scores(self, history: list[int]) -> np.ndarray:
         """Blend score of every item (dense index order) for ``history`` (item ids, oldest first)."""
@@ -89,9 +93,9 @@ class Retriever:
         score = cfg.w_popularity * self.log_popularity
         if recent:
             weights = cfg.decay ** np.arange(len(recent))
-            score = (
-                score + cfg.w_transition * np.asarray(weights @ self.transitions[recent].toarray()).ravel()
-            )
+            rows = self.transitions[recent]
+            rows = rows.toarray() if hasattr(rows, "toarray") else rows
+            score = score + cfg.w_transition * np.asarray(weights @ rows).ravel()
             profile = self.embeddings[recent].mean(axis=0)
             norm = np.linalg.norm(profile)
             if norm > 0:
@@ -114,7 +118,9 @@ class Retriever:
         return [int(self.item_ids[i]) for i in order]
 
     def save(self, path: str | Path) -> None:
-        t = self.transitions
+        import scipy.sparse as sp
+
+        t = sp.csr_matrix(self.transitions)
         np.savez_compressed(
             path,
             item_ids=self.item_ids,
@@ -128,6 +134,8 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | Path) -> Retriever:
+        import scipy.sparse as sp
+
         z = np.load(path)
         n = len(z["item_ids"])
         transitions = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n))
@@ -138,3 +146,17 @@ class Retriever:
         return cls(
             z["item_ids"], transitions, z["log_popularity"], z["embeddings"], RetrieverConfig(**values)
         )
+
+
+def _row_normalised(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int):
+    """The ``n`` x ``n`` matrix of summed ``vals`` at ``(rows, cols)``, each row scaled to sum 1
+    (rows without counts stay 0): scipy CSR, or a dense array where scipy is not installed."""
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        counts = np.zeros((n, n))
+        np.add.at(counts, (rows, cols), vals)
+        return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-9)
+    counts = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
+    row_sums = np.asarray(counts.sum(axis=1)).ravel()
+    return (sp.diags(1.0 / np.maximum(row_sums, 1e-9)) @ counts).tocsr()

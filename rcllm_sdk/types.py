@@ -51,6 +51,8 @@ class Recommendation:
         prompt_tokens: length of the rendered prompt (0 for cold start).
         candidates: what the ranker saw, in the retriever's order (empty for cold start).
         cache: what the KV cache did for this request (:class:`CacheStats`).
+        model_version: the ranker that ranked (its registry version where it came from the
+            MLflow registry, else its fingerprint); one request never mixes versions.
 
     Example:
         >>> r = rec.recommend(user_id=1, k=5)
@@ -68,3 +70,4 @@ class Recommendation:
     prompt_tokens: int = 0
     candidates: list[int] = field(default_factory=list)
     cache: CacheStats = field(default_factory=CacheStats)
+    model_version: str = ""

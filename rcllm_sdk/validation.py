@@ -41,3 +41,38 @@ def count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def item_ids(values, name: str = "candidates") -> list[int]:
+    """A non-empty list of distinct integer item ids (a string or a single id is refused)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidRequestError(
+            f"{name} must be a list of item ids, got {type(values).__name__} {values!r}"
+        )
+    ids = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise InvalidRequestError(
+                f"{name} must hold integer item ids, got {type(value).__name__} {value!r}"
+            )
+        ids.append(int(value))
+    if not ids or len(set(ids)) != len(ids):
+        raise InvalidRequestError(f"{name} must be a non-empty list of distinct item ids, got {ids}")
+    return ids
+
+
+def candidate_lists(values, n_users: int) -> list[list[int] | None]:
+    """Per-user client candidates: ``None`` (the retriever's for everyone) or one entry per user,
+    each a list of item ids or ``None`` (the retriever's for that user)."""
+    if values is None:
+        return [None] * n_users
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidRequestError(
+            f"candidates must be one list of item ids per user, got {type(values).__name__}"
+        )
+    values = list(values)
+    if len(values) != n_users:
+        raise InvalidRequestError(
+            f"candidates has {len(values)} entries for {n_users} users; give one per user"
+        )
+    return [None if v is None else item_ids(v) for v in values]

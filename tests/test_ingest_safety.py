@@ -181,3 +181,18 @@ def test_a_redis_online_store_keeps_its_password_off_disk_and_switches_namespace
         assert keys == []  # the replaced ingest's namespace was torn down
     finally:
         server.stop()
+
+
+def test_a_failed_append_leaves_the_repo_byte_for_byte(small_repo, tmp_path, monkeypatch):
+    import feast
+
+    from rcllm_sdk.ingest_append import append_source
+
+    before = _snapshot(small_repo)
+    folder = _csv_folder(
+        tmp_path, "user_id,item_id,timestamp\n1,2,999999\n", "item_id,title,category\n2,b,y\n"
+    )
+    monkeypatch.setattr(feast.FeatureStore, "materialize", _failing_on_call(None, None, []))
+    with pytest.raises(OSError, match="injected"):
+        append_source(small_repo, "csv", folder)
+    assert _snapshot(small_repo) == before

@@ -191,3 +191,23 @@ def test_a_load_racing_a_retrain_names_the_weights_it_loaded(saved, tmp_path, mo
     monkeypatch.setattr("rcllm_sdk.model.ranker._check_saved_digest", lambda *a: None)
     ranker = load_ranker(folder)
     assert ranker.fingerprint == original != fingerprint(folder)
+
+
+def test_a_recommender_says_once_that_its_model_folder_changed(trained_repo, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from rcllm_sdk import RcRecommender
+
+    repo, trained = trained_repo
+    folder = shutil.copytree(trained["model_dir"], tmp_path / "served")
+    with RcRecommender.from_feature_store(repo, model=folder, mode="full") as rec:
+        rec.weights_watch.every_s = 0.0
+        before = rec.recommend(1, k=5)
+        _flip_byte(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size - 64)
+        with caplog.at_level(logging.WARNING, logger="rcllm_sdk.model"):
+            after = [rec.recommend(1, k=5) for _ in range(3)]
+        warnings = [r for r in caplog.records if "changed on disk" in r.getMessage()]
+        assert len(warnings) == 1 and "until reload()" in warnings[0].getMessage()
+        assert all(a.item_ids == before.item_ids and a.scores == before.scores for a in after)
+        assert all(a.model_version == before.model_version for a in after)

@@ -59,3 +59,9 @@ def test_recommend_batch_refuses_a_string_and_serves_numpy_ids(recommender):
     assert served[0].item_ids == recommender.recommend(1, k=3).item_ids
     with pytest.raises(NotEnoughCandidatesError):
         recommender.recommend(1, k=0)
+
+
+@pytest.mark.parametrize("bad", [2.5, "12", [1.5, 2], [True, 2], [3, 3], []])
+def test_client_candidates_that_are_not_a_list_of_distinct_item_ids_are_refused(recommender, bad):
+    with pytest.raises(InvalidRequestError, match="candidates"):
+        recommender.recommend(1, k=1, candidates=bad)

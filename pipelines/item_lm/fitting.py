@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rcllm_sdk.model.scoring import pad_batch
 
+from .. import curves
 from ..train import lr_factor, take_step
 from .windows import UserBlockWindows, sample_windows, validation_split
 
@@ -144,6 +145,7 @@ class _EarlyStopping:
 
     def record(self, model, loss: float, step: int) -> bool:
         self.history.append((step, round(loss, 4)))
+        curves.record("validation_loss", loss, step)
         if loss < self.best:
             self.best, self.best_step, self.since_best = loss, step, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

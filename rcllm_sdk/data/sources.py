@@ -43,7 +43,7 @@ def load(
     """
     if source == "synthetic":
         interactions, items = generate(synthetic)
-        return _finish("synthetic", interactions, items, {})
+        return checked_dataset("synthetic", interactions, items, {})
     if path is None:
         raise DataFormatError(f"source {source!r} needs --path DIR")
     folder = Path(path)
@@ -89,7 +89,7 @@ def _load_movielens(folder: Path, skip: bool) -> Dataset:
     items = _typed(
         items, {k: ITEM_SCHEMA[k] for k in ("item_id", "title", "category")}, item_file, 1, skip, skipped
     )
-    return _finish(folder.name, interactions, items, skipped)
+    return checked_dataset(folder.name, interactions, items, skipped)
 
 
 def _movielens_genres(folder: Path) -> list[str]:
@@ -119,7 +119,7 @@ def _load_csv(folder: Path, skip: bool) -> Dataset:
     _require_columns(raw_items, {k: None for k in ("item_id", "title", "category")}, item_file)
     wanted = [c for c in ITEM_SCHEMA if c in raw_items.columns]
     items = _typed(raw_items.select(wanted), {c: ITEM_SCHEMA[c] for c in wanted}, item_file, 2, skip, skipped)
-    return _finish(folder.name, interactions, items, skipped)
+    return checked_dataset(folder.name, interactions, items, skipped)
 
 
 def _read_csv(file: Path) -> pl.DataFrame:
@@ -167,7 +167,10 @@ def _dtype_name(dtype) -> str:
     return "an integer" if dtype == pl.Int64 else "text"
 
 
-def _finish(name: str, interactions: pl.DataFrame, items: pl.DataFrame, skipped: dict[str, int]) -> Dataset:
+def checked_dataset(
+    name: str, interactions: pl.DataFrame, items: pl.DataFrame, skipped: dict[str, int]
+) -> Dataset:
+    """The :class:`Dataset` of loaded tables, refused when either holds no rows (item ids checked)."""
     for table, frame in (("interactions", interactions), ("items", items)):
         if frame.height == 0:
             raise DataFormatError(

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import ModelLoadError
 from ..prompt.template import PromptTemplate, item_token
+from .device import resolve_device, resolve_dtype
+from .sources import ModelSource, load_model, load_tokenizer, resolve_source
+from .support import check_raw_config, check_supported, read_config_json
+from .weights import LoadedWeights, digest_of, weight_files
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 TEMPLATE_FILE = "rcllm_template.json"
 TRAINING_FILE = "rcllm_training.json"  # how the SDK trained the model (absent for other checkpoints)
+WEIGHTS_FILE = "rcllm_weights.json"  # the weights' digest when the SDK saved them: a load verifies it
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,6 +52,12 @@ class Ranker:
     fingerprint: str
     path: Path | None = None
     training: dict = field(default_factory=dict)  # TRAINING_FILE's record, e.g. {"block_aware": True, ...}
+    version: str = ""  # the MLflow registry version it was loaded from ("" for a folder)
+    weights: tuple[LoadedWeights, ...] = ()  # the weight files read at load (base, then adapter)
+
+    def changed_files(self) -> list[Path]:
+        """Weight files that changed on disk since they were loaded (the model serves what it loaded)."""
+        return [f for w in self.weights for f in w.changed_files()]
 
 
 def build_ranker(
@@ -98,6 +108,7 @@ def save_ranker(ranker: Ranker, path: str | Path, training: dict | None = None) 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ranker.model.save_pretrained(path)
+    (path / WEIGHTS_FILE).write_text(json.dumps({"digest": digest_of(weight_files(path))}))
     ranker.tokenizer.save_pretrained(path)
     (path / TEMPLATE_FILE).write_text(json.dumps(ranker.template.to_dict(), indent=2))
     if training is not None:
@@ -107,98 +118,98 @@ def save_ranker(ranker: Ranker, path: str | Path, training: dict | None = None) 
     return path
 
 
-def load_ranker(model: str | Path, template: PromptTemplate | None = None, dtype=torch.float32) -> Ranker:
-    """Load a local HF causal-LM folder or an MLflow model/artifact URI; nothing is downloaded from a hub.
+def load_ranker(
+    model: str | Path,
+    template: PromptTemplate | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Ranker:
+    """Load a ranker from a local HF causal-LM folder, a PEFT adapter folder (merged into its
+    base) or an MLflow URI of either, onto ``device`` in ``dtype`` (``auto``: bfloat16 on CUDA
+    where the recipe allows it, float32 otherwise); nothing is downloaded from a hub.
 
     Raises:
-        ModelLoadError: the path is missing, or holds no causal LM with rotary positions, or an item-lm
-            ranker is asked for in a dtype other than float32.
+        ModelLoadError: the path is missing or holds no loadable causal LM and tokenizer.
+        UnsupportedModelError: the checkpoint is not one the block runner serves (see
+            ``rcllm_sdk.model.support``).
+        UnsupportedDtypeError: an item-lm ranker asked for in a dtype other than float32.
+        DeviceUnavailableError: ``device`` is CUDA on a machine without it.
     """
-    path = _resolve(str(model))
-    config = _checked_config(path)
-    training_file = path / TRAINING_FILE
-    training = json.loads(training_file.read_text()) if training_file.exists() else {}
-    if training.get("recipe") == "item-lm" and dtype != torch.float32:
-        # Its compiled lookup adds scores of order 1 to constants of order 1e3 (item_lm_ranker.py):
-        # measured on CPU, bf16 keeps the float32 top item for 70% of users, fp16 for 66%.
-        raise ModelLoadError(f"{path}: an item-lm ranker's compiled label lookup needs float32, got {dtype}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        lm = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: could not load a causal LM and tokenizer ({exc})") from exc
-    lm.eval()
-    template_file = path / TEMPLATE_FILE
+    source = resolve_source(model)
+    config = _checked_config(source.base)
+    training = source.read_json(TRAINING_FILE) or {}
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, training.get("recipe"))
+    tokenizer = load_tokenizer(source)
+    lm, weights = load_model(source, config, dtype)
+    _check_saved_digest(source.base, weights[0].digest)
+    lm = lm.to(device)
     if template is None:
-        template = (
-            PromptTemplate(**json.loads(template_file.read_text()))
-            if template_file.exists()
-            else PromptTemplate(item_tokens=False)
-        )
-    return Ranker(lm, tokenizer, template, fingerprint(path), path, training)
+        stored = source.read_json(TEMPLATE_FILE)
+        template = PromptTemplate(**stored) if stored is not None else PromptTemplate(item_tokens=False)
+    folder = source.adapter or source.base
+    return Ranker(
+        lm,
+        tokenizer,
+        template,
+        source_fingerprint(source, [w.digest for w in weights]),
+        folder,
+        training,
+        source.version,
+        tuple(weights),
+    )
 
 
-def _resolve(model: str) -> Path:
-    if model.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow  # lazy: heavy, only needed for URIs
-
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-        except Exception as exc:  # mlflow raises several types for a bad URI
-            raise ModelLoadError(f"could not fetch MLflow artifact {model!r}: {exc}") from exc
-        return local / "model" if (local / "model" / "config.json").exists() else local
-    path = Path(model)
-    if not (path / "config.json").exists():
+def _check_saved_digest(folder: Path, loaded: str) -> None:
+    """Refuse weights that differ from those the SDK saved in ``folder`` (flipped bytes, a file
+    copied over them without the record)."""
+    record = folder / WEIGHTS_FILE
+    if not record.exists():
+        return  # a checkpoint the SDK did not save: nothing to compare with
+    try:
+        saved = json.loads(record.read_text())["digest"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{record} is not a weights record ({exc})") from exc
+    if saved != loaded:
         raise ModelLoadError(
-            f"{path} holds no config.json: pass a Hugging Face model folder "
-            "(save_pretrained output) or an MLflow URI such as runs:/<run_id>/model"
+            f"{folder}: the weight files differ from those saved with {WEIGHTS_FILE} (corrupt, or "
+            "replaced without it); restore them or save the model again"
         )
-    return path
 
 
 def _checked_config(path: Path):
+    """The folder's config, refused before any weight is read when the runner cannot serve it."""
+    from transformers import AutoConfig
+
+    check_raw_config(path, read_config_json(path))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}/config.json is not a Hugging Face model config: {exc}") from exc
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(
-            f"{path}: model_type {config.model_type!r} is not supported; "
-            f"use a rotary causal LM of the families {SUPPORTED_FAMILIES}"
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    if not rope:
-        raise ModelLoadError(f"{path}: config has no rotary position settings (rope_parameters/rope_theta)")
+    except Exception as exc:  # transformers and huggingface_hub raise several types for a bad config
+        raise ModelLoadError(f"{path}/config.json is not a valid Hugging Face model config: {exc}") from exc
+    check_supported(path, config)
     return config
 
 
-def fingerprint(path: str | Path) -> str:
-    """16 hex digits over config, tokenizer files and the weight files.
+def source_fingerprint(source: ModelSource, weight_digests: list[str] | None = None) -> str:
+    """:func:`fingerprint` of the folder, or for an adapter one over its base's and its own;
+    ``weight_digests`` (base first) are those of the weights loaded, else the files are hashed."""
+    digests = weight_digests or [None, None]
+    if source.adapter is None:
+        return fingerprint(source.base, digests[0])
+    combined = hashlib.blake2b(digest_size=8)
+    combined.update(fingerprint(source.base, digests[0]).encode())
+    combined.update(fingerprint(source.adapter, digests[1]).encode())
+    return combined.hexdigest()
 
-    Weight files up to 256 MiB are hashed whole; larger ones by size plus 1 MiB every 16 MiB,
-    so multi-GB checkpoints hash in well under a second (a fine-tune touches every tensor, so
-    the samples change; a change confined between samples would not be seen).
-    """
+
+def fingerprint(path: str | Path, weights_digest: str | None = None) -> str:
+    """16 hex digits over the config, tokenizer and SDK files and the full content of the weight
+    files (``weights_digest``: their digest as loaded; else hashed here, cached by file stamp)."""
+    path = Path(path)
     h = hashlib.blake2b(digest_size=8)
-    for f in sorted(Path(path).iterdir()):
+    for f in sorted(path.iterdir()):
         if f.suffix in (".json", ".txt", ".model") and f.is_file():
             h.update(f.name.encode())
             h.update(f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            _hash_weights(h, f)
+    h.update((weights_digest or digest_of(weight_files(path))).encode())
     return h.hexdigest()
-
-
-def _hash_weights(h, file: Path, whole_limit: int = 256 << 20, stride: int = 16 << 20) -> None:
-    size = file.stat().st_size
-    with file.open("rb") as fh:
-        if size <= whole_limit:
-            h.update(fh.read())
-            return
-        for offset in range(0, size, stride):
-            fh.seek(offset)
-            h.update(fh.read(1 << 20))

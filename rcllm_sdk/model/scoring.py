@@ -8,10 +8,14 @@ from __future__ import annotations
 import torch
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``ids [B, T]``, ``mask [B, T]`` and ``lengths [B]``."""
+def pad_batch(
+    sequences: list[list[int]], pad_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids [B, T]``, ``mask [B, T]`` and ``lengths [B]``. ``pad_id`` None (a
+    tokenizer without a pad token) pads with id 0: the mask keeps padding out of attention."""
     lengths = torch.tensor([len(s) for s in sequences])
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    fill = 0 if pad_id is None else pad_id
+    ids = torch.full((len(sequences), int(lengths.max())), fill, dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
@@ -39,9 +43,14 @@ def label_logits(model, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.
 
 @torch.inference_mode()
 def score_full(
-    model, sequences: list[list[int]], label_ids: list[list[int]], pad_id: int
+    model, sequences: list[list[int]], label_ids: list[list[int]], pad_id: int | None
 ) -> list[torch.Tensor]:
-    """Label scores of each prompt by one plain forward over the whole batch; ``[K_b]`` per prompt."""
-    ids, mask, lengths = pad_batch(sequences, pad_id)
+    """Label scores of each prompt by one plain forward over the whole batch on the model's
+    device; ``[K_b]`` per prompt (``pad_id`` None: see :func:`pad_batch`)."""
+    device = next(model.parameters()).device
+    ids, mask, lengths = (t.to(device) for t in pad_batch(sequences, pad_id))
     hidden = last_hidden(model, ids, mask, lengths)
-    return [label_logits(model, hidden[b : b + 1], torch.tensor(lab))[0] for b, lab in enumerate(label_ids)]
+    return [
+        label_logits(model, hidden[b : b + 1], torch.tensor(lab, device=device))[0]
+        for b, lab in enumerate(label_ids)
+    ]

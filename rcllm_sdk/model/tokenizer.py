@@ -7,8 +7,15 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import ConfigError
-from ..prompt.template import NEXT_MARKER, RELATION_MARKERS, PromptTemplate, item_token
+from ..errors import LabelTokenError
+from ..prompt.template import (
+    DEFAULT_LABEL_FORMAT,
+    NEXT_MARKER,
+    RELATION_MARKERS,
+    PromptTemplate,
+    item_token,
+    label_text,
+)
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -32,6 +39,7 @@ def train_tokenizer(
         show_progress=False,
     )
     template_text = [template.system, template.history_header, template.query]
+    template_text += [template.label_line(label) for label in template.labels]  # "10" learns to be one token
     core.train_from_iterator(list(texts) + template_text * 50, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIALS)
     tokenizer.add_tokens([item_token(int(i)) for i in item_ids], special_tokens=True)
@@ -42,14 +50,31 @@ def train_tokenizer(
     return tokenizer
 
 
-def label_token_ids(tokenizer, labels: list[str]) -> list[int]:
-    """The single token id of each label as it is written in a label block."""
-    ids = []
-    for label in labels:
-        encoded = tokenizer(label, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1:
-            raise ConfigError(
-                f"label {label!r} is {len(encoded)} tokens in this tokenizer; labels must be one token each"
-            )
-        ids.append(encoded[0])
+def label_token_ids(tokenizer, labels: list[str], label_format: str = DEFAULT_LABEL_FORMAT) -> list[int]:
+    """The scored token id of each label: the one token of its label block (``label_format`` with
+    the label, tokenised as the prompt's label block) that spells the label, a leading space or
+    ``▁`` allowed. The model reads that token in the candidate list and is scored on emitting it
+    after the query: for ``"(A) "`` it is ``A`` in ``(``/``A``/``)``, never a separate `` A``.
+
+    Raises:
+        LabelTokenError: a label is not one token of its block, or two labels share a token id.
+    """
+    ids = [_label_id(tokenizer, label, label_format) for label in labels]
+    shared = sorted({x for x, i in zip(labels, ids, strict=True) if ids.count(i) > 1})
+    if shared:
+        raise LabelTokenError(f"labels {shared} share a token id in this tokenizer; use distinct labels")
     return ids
+
+
+def _label_id(tokenizer, label: str, label_format: str) -> int:
+    block = label_text(label_format, label)
+    encoded = tokenizer([block], add_special_tokens=False)["input_ids"][0]
+    spelled = {i for i in encoded if tokenizer.decode([i]).strip().lstrip("▁") == label}
+    if len(spelled) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(list(encoded))
+        raise LabelTokenError(
+            f"label {label!r} is not one token in this tokenizer as the label block {block!r} writes it "
+            f"(tokens {pieces}); labels must be one token each: choose other labels (letters are one "
+            "token in most tokenizers) or another label_format"
+        )
+    return spelled.pop()

@@ -71,7 +71,8 @@ def block_hash(fingerprint: str, kind: str, token_ids: Sequence[int]) -> int:
 def block_texts(
     history: Sequence[ItemInfo], candidates: Sequence[ItemInfo], template: PromptTemplate
 ) -> list[tuple[str, str]]:
-    """``(kind, text)`` of every block in prompt order."""
+    """``(kind, text)`` of every block in prompt order, without what needs the tokenizer (BOS and the
+    chat template: :meth:`rcllm_sdk.prompt.PromptEncoder.texts` has those)."""
     if len(candidates) > len(template.labels):
         raise ConfigError(
             f"{len(candidates)} candidates but only {len(template.labels)} labels in the template"
@@ -79,9 +80,7 @@ def block_texts(
     parts = [(SYSTEM, template.system), (USER, template.user_text(history))]
     for label, item in zip(template.labels, candidates, strict=False):
         parts.append((LABEL, template.label_line(label)))
-        parts.append(
-            (ITEM, template.item_line(item.item_id, item.title, item.category, item.text, with_text=True))
-        )
+        parts.append((ITEM, template.candidate_text(item.item_id, item.title, item.category, item.text)))
     parts.append((QUERY, template.query))
     return parts
 

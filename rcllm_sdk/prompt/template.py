@@ -1,18 +1,27 @@
 """The prompt template: the fixed texts around the blocks and how an item is written.
 
-Every block ends with a newline and none starts with whitespace, so byte-level BPE
-pre-tokenisers (GPT-2, Llama 3, Qwen) never merge tokens across a block boundary: the
-blocks' token ids concatenate to the tokenisation of the whole prompt (tested).
+Block-boundary rule: every block but a label block ends with a newline, and none starts with
+whitespace except a candidate's item block, which starts with the spaces that end the label
+format (``"(A) "`` is the label block ``"(A)"`` and an item block ``" Title ..."``). Byte-level
+BPE pre-tokenisers (GPT-2, Llama 3, Qwen) then never merge tokens across a block boundary: the
+blocks' token ids concatenate to the tokenisation of the whole prompt (tested). The prompt is
+defined as that concatenation whatever the tokenizer (see ``rcllm_sdk.prompt.check``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TemplateError
 
 LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+LABEL_SLOT, VALUE_SLOT = "{label}", "{value}"
+DEFAULT_LABEL_FORMAT = "{label}\n"
+ITEM_FIELD_NAMES = ("title", "category", "text")  # the Feast item view's text features
+ITEM_FIELD_KEYS = ("name", "max_words", "format", "history")
 
 
 NEXT_MARKER = "<next>"  # a special token ending the user block of item-LM rankers (pipelines/item_lm/)
@@ -77,6 +86,15 @@ class PromptTemplate:
             ``NEXT_MARKER``, the token whose state predicts the next item.
         relation_markers: start each history line but the block's first with its relation to the line
             before (``SEQUEL_MARKER``, ``SAME_CATEGORY_MARKER`` or nothing; see :func:`relation`).
+        label_format: how a label is written before its item (``"{label}\\n"``, ``"({label}) "``,
+            ``"{label}. "``); the scored token is the label itself (``rcllm_sdk.model.tokenizer``).
+        bos: the system block starts with the tokenizer's BOS token id.
+        chat_template: wrap the prompt in the tokenizer's chat template as one user turn: the
+            chat prefix opens the system block, the suffix (generation prompt) closes the query.
+        item_fields: when given, the item line instead of ``titles``/``categories``/``item_text_words``:
+            ``{"name": title|category|text, "max_words": N (0: all), "format": "...{value}...",
+            "history": also in history lines}`` per field, in order, joined by ``field_separator``.
+        field_separator: text between two ``item_fields`` of a line.
     """
 
     system: str = "You rank candidate items for a user from the items the user consumed.\n"
@@ -90,6 +108,11 @@ class PromptTemplate:
     categories: bool = True
     history_footer: str = ""
     relation_markers: bool = False
+    label_format: str = DEFAULT_LABEL_FORMAT
+    bos: bool = False
+    chat_template: bool = False
+    item_fields: list[dict] = field(default_factory=list)
+    field_separator: str = " | "
 
     def __post_init__(self):
         if not self.system.endswith("\n") or not self.history_header.endswith("\n"):
@@ -102,16 +125,24 @@ class PromptTemplate:
             )
         if self.max_history < 1:
             raise ConfigError("max_history must be at least 1")
-        if not (self.item_tokens or self.titles or self.categories):
+        self.item_fields = [_item_field(f) for f in self.item_fields]
+        if not (self.item_tokens or self.titles or self.categories or self.item_fields):
             raise ConfigError("an item line needs at least one of item_tokens, titles and categories")
+        if not self.labels or not all(isinstance(x, str) and x.strip() == x != "" for x in self.labels):
+            raise TemplateError("labels must be non-empty strings without surrounding whitespace")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels must be distinct")
+        _check_label_format(self.label_format)
 
     def item_line(
         self, item_id: int, title: str, category: str, text: str = "", with_text: bool = False
     ) -> str:
-        """One item as text, ending with a newline and starting with no whitespace."""
+        """One item as text, ending with a newline and starting with no whitespace; ``with_text``:
+        as a candidate's item block shows it (history lines leave the description out)."""
         head = item_token(item_id) if self.item_tokens else ""
+        if self.item_fields:
+            values = {"title": title, "category": category, "text": text}
+            return (head + self._fields_text(values, with_text)).lstrip() + "\n"
         words = [title.strip()] if self.titles else []
         if self.categories:
             words.append(f"({category.replace('|', ', ')})")
@@ -120,10 +151,28 @@ class PromptTemplate:
             line += ": " + " ".join(text.split()[: self.item_text_words])
         return line.lstrip() + "\n"
 
+    def candidate_text(self, item_id: int, title: str, category: str, text: str = "") -> str:
+        """A candidate's item block: the spaces ending the label format, then its item line."""
+        return self.item_lead + self.item_line(item_id, title, category, text, with_text=True)
+
+    def _fields_text(self, values: dict[str, str], candidate: bool) -> str:
+        parts = []
+        for f in self.item_fields:
+            if not (candidate or f["history"]):
+                continue
+            value = values[f["name"]].replace("|", ", ") if f["name"] == "category" else values[f["name"]]
+            words = value.split()
+            if f["max_words"]:
+                words = words[: f["max_words"]]
+            shown = " ".join(words).rstrip(",;")  # a cut list of categories ends on a word
+            if shown:
+                parts.append(f["format"].replace(VALUE_SLOT, shown))
+        return self.field_separator.join(parts)
+
     def user_text(self, history) -> str:
         """The user block: header and the most recent ``max_history`` items (``ItemInfo``-like)."""
         recent = history[-self.max_history :]
-        lines = [self.item_line(i.item_id, i.title, i.category) for i in recent]
+        lines = [self.item_line(i.item_id, i.title, i.category, getattr(i, "text", "")) for i in recent]
         if self.relation_markers:
             lines[1:] = [
                 relation(a.title, a.category, b.title, b.category) + line
@@ -132,7 +181,55 @@ class PromptTemplate:
         return self.history_header + "".join(lines) + self.history_footer
 
     def label_line(self, label: str) -> str:
-        return f"{label}\n"
+        """The label block: ``label_format`` with the label, less the spaces that end it."""
+        return label_text(self.label_format, label)
+
+    @property
+    def item_lead(self) -> str:
+        """The spaces ending ``label_format``: they open each candidate's item block."""
+        return self.label_format[len(self.label_format.rstrip(" \t")) :]
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    def digest(self) -> str:
+        """16 hex digits over every setting: part of each block's cache key."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def label_text(label_format: str, label: str) -> str:
+    """A label block's text: ``label_format`` with ``label``, less the spaces that end it."""
+    return label_format.replace(LABEL_SLOT, label).rstrip(" \t")
+
+
+def _check_label_format(label_format: str) -> None:
+    if not isinstance(label_format, str) or label_format.count(LABEL_SLOT) != 1:
+        raise TemplateError(f"label_format must hold {LABEL_SLOT} exactly once, got {label_format!r}")
+    if label_format[0].isspace() or label_format[-1] not in " \t\n":
+        raise TemplateError(
+            f"label_format {label_format!r} must not start with whitespace and must end with a space "
+            "or a newline (block boundary rule), e.g. '({label}) ', '{label}. ' or '{label}\\n'"
+        )
+
+
+def _item_field(spec) -> dict:
+    """An ``item_fields`` entry with its defaults filled in, or TemplateError."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or set(spec) - set(ITEM_FIELD_KEYS):
+        raise TemplateError(
+            f"item field {spec!r}: a mapping with keys among {list(ITEM_FIELD_KEYS)} (name required)"
+        )
+    name = spec.get("name")
+    if name not in ITEM_FIELD_NAMES:
+        raise TemplateError(f"item field name {name!r} is not one of {list(ITEM_FIELD_NAMES)}")
+    out = {"name": name, "max_words": spec.get("max_words", 0), "format": spec.get("format", VALUE_SLOT)}
+    out["history"] = spec.get("history", True)
+    if isinstance(out["max_words"], bool) or not isinstance(out["max_words"], int) or out["max_words"] < 0:
+        raise TemplateError(f"item field {name}: max_words must be an integer >= 0 (0: all words)")
+    if not isinstance(out["format"], str) or out["format"].count(VALUE_SLOT) != 1 or "\n" in out["format"]:
+        raise TemplateError(f"item field {name}: format must hold {VALUE_SLOT} once and no line break")
+    if not isinstance(out["history"], bool):
+        raise TemplateError(f"item field {name}: history must be true or false")
+    return out

@@ -104,6 +104,9 @@ def _fit(probe, prompts, repeats: int) -> CostModel:
 
 
 def _ms(fn) -> float:
+    """Wall time of ``fn`` in ms, GPU work included (CUDA runs asynchronously)."""
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1000.0

@@ -26,7 +26,7 @@ from ..errors import InvariantError
 from ..model.scoring import label_logits, score_full
 from ..prompt.renderer import SYSTEM, RenderedPrompt
 from ..types import CacheStats
-from . import blockkv
+from . import blockkv, transfer
 from .guard import CostModel, prompt_shape
 from .hot_blocks import HotBlocks
 from .model_view import ModelView, RopeTable
@@ -120,7 +120,7 @@ class BlockEngine(PrefixCaching):
 
     def _score_full(self, prompts, label_ids, layouts, policy: Policy) -> list[Scored]:
         """Full prefill (the plain HF forward, as ``full`` mode) for prompts reuse cannot speed up."""
-        pad = getattr(self.ranker.tokenizer, "pad_token_id", None) or 0
+        pad = getattr(self.ranker.tokenizer, "pad_token_id", None)
         scores = score_full(self.ranker.model, [p.input_ids for p in prompts], label_ids, pad)
         return [Scored(s.cpu(), CacheStats(fallback_full=True)) for s in scores]
 
@@ -230,11 +230,8 @@ class BlockEngine(PrefixCaching):
         found.update(stored)
         reads.update(stored_reads)
         missing = [b for b in unique if b.content_hash not in found]
-        if systems[0].content_hash not in found:
-            found.update(self.compute_and_store(systems, None))
-        others = [b for b in missing if b.kind != SYSTEM]
-        if others:
-            found.update(self.compute_and_store(others, found[systems[0].content_hash]))
+        if missing:
+            found.update(self.compute_and_store(missing, found.get(systems[0].content_hash)))
         return found, {b.content_hash for b in missing}, reads
 
     def _fetch(self, blocks) -> tuple[dict[int, torch.Tensor], dict[int, Read]]:
@@ -249,8 +246,9 @@ class BlockEngine(PrefixCaching):
         )
 
     def _unpack_all(self, blocks, reads: list[Read]) -> dict[int, torch.Tensor]:
-        """Validated ``[2, L, T, H, D]`` KV on the runner's device, by hash (bad values are dropped)."""
-        v, found = self.view, {}
+        """Validated ``[2, L, T, H, D]`` KV on the runner's device, by hash (bad values are
+        dropped), moved there in one transfer."""
+        v, keys, kvs = self.view, [], []
         for block, read in zip(blocks, reads, strict=True):
             key = block.content_hash
             kv = blockkv.unpack(
@@ -261,11 +259,14 @@ class BlockEngine(PrefixCaching):
                     "block %016x: stored KV does not match it (shape, dtype or header); recomputing", key
                 )
             if kv is not None:
-                found[key] = kv.to(v.device).contiguous()  # a copy: the store may reuse its buffer
-        return found
+                keys.append(key)
+                kvs.append(kv)
+        moved = transfer.to_device(kvs, v.device)
+        # contiguous: a copy on a CPU runner too, as the store may reuse its buffer
+        return {key: kv.contiguous() for key, kv in zip(keys, moved, strict=True)}
 
     def compute_and_store(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Compute blocks at their canonical positions and queue them for the store."""
+        """Compute blocks at their canonical positions and queue them for the store (one write-back)."""
         computed = self.compute(blocks, system_kv)
         self.hot.put_many(computed)
         items = {b.content_hash: b.item_id for b in blocks}
@@ -275,7 +276,8 @@ class BlockEngine(PrefixCaching):
     @torch.inference_mode()
     def compute(self, blocks, system_kv: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Canonical KV of blocks (``[2, L, T, H, D]`` by content hash). System blocks need
-        nothing before them; every other block needs its system block's KV."""
+        nothing before them; every other block needs its system block's KV (``system_kv``, or
+        the system block computed in this call)."""
         computed = {
             b.content_hash: compute_system(self.view, list(b.token_ids), self.attention)
             for b in blocks
@@ -283,6 +285,7 @@ class BlockEngine(PrefixCaching):
         }
         others = [b for b in blocks if b.kind != SYSTEM]
         if others:
+            system_kv = next(iter(computed.values()), None) if system_kv is None else system_kv
             if system_kv is None:
                 raise InvariantError("user/item blocks are computed after the system block: pass its KV")
             kvs = compute_blocks(self.view, system_kv, [list(b.token_ids) for b in others], self.attention)
@@ -300,8 +303,9 @@ class BlockEngine(PrefixCaching):
 
     def _put(self, blocks: list[tuple[int, torch.Tensor, int | None]]) -> None:
         try:
+            on_host = transfer.to_host([kv for _, kv, _ in blocks])
             self.store.batched_put(
-                [(key, blockkv.pack(kv, key)) for key, kv, _ in blocks],
+                [(key, blockkv.pack(kv, key)) for (key, _, _), kv in zip(blocks, on_host, strict=True)],
                 placement=[item for _, _, item in blocks],
             )
         except Exception:  # a store must not raise; if one does, the blocks are simply not cached

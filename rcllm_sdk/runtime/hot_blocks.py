@@ -42,6 +42,7 @@ class HotBlocks:
                 size = kv.numel() * kv.element_size()
                 if size > self.max_bytes:
                     continue
+                kv = _owning(kv, size)
                 self._drop(key)
                 self._entries[key] = kv
                 self.bytes += size
@@ -66,3 +67,9 @@ class HotBlocks:
         kv = self._entries.pop(key, None)
         if kv is not None:
             self.bytes -= kv.numel() * kv.element_size()
+
+
+def _owning(kv, size: int):
+    """``kv`` in memory of its own: a view of a larger buffer (a batch's transfer buffer)
+    would keep all of it alive, beyond the bound."""
+    return kv if kv.untyped_storage().nbytes() == size else kv.clone()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelLoadError
+from ..model.support import active_sliding_window
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,8 +49,8 @@ class ModelView:
                 f"{type(model).__name__} lacks {missing}: the runner drives Llama-style decoders "
                 "(llama, mistral, qwen2, qwen3)"
             )
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", window is not None):
+        window = active_sliding_window(config)
+        if window:
             raise ModelLoadError(
                 f"sliding-window attention (window {window}) is not supported by the block runner"
             )

@@ -13,7 +13,7 @@ import torch
 
 from ..prompt.renderer import RenderedPrompt
 from ..types import CacheStats
-from . import blockkv
+from . import blockkv, transfer
 from .precompute import empty_kv
 from .runner import PackedBatch, run_selected
 
@@ -24,20 +24,20 @@ class PrefixCaching:
     @torch.inference_mode()
     def score_prefix(self, prompts: list[RenderedPrompt], label_ids: list[list[int]]) -> list:
         """Rank with the longest cached token prefix reused and the rest computed."""
-        chunk, pieces, reused, stats, keys_of = self.prefix_chunk, [], [], [], []
+        chunk, stored, reused, stats, keys_of = self.prefix_chunk, [], [], [], []
         for prompt in prompts:
             ids = prompt.input_ids
             keys = self.prefix_keys(ids)
             chunks = self._prefix_chunks(self._stored_run(keys))
             used = min(len(chunks) * chunk, len(ids) - 1) // chunk * chunk if chunks else 0
             chunks = chunks[: used // chunk]
-            pieces.extend([c.to(self.view.device) for c in chunks] + [empty_kv(self.view, len(ids) - used)])
+            stored.extend(chunks)
             reused.append(used)
             keys_of.append(keys)
             nbytes = sum(c.numel() * c.element_size() for c in chunks)
             stats.append(CacheStats(len(chunks), len(keys) - len(chunks), 0.0, nbytes))
-        kv = torch.cat(pieces, dim=2)  # [2, L, N, kv_heads, head_dim]
         token_lists = [p.input_ids for p in prompts]
+        kv = self._prefix_cache(token_lists, stored, reused)
         hidden, rows = self._run_suffixes(token_lists, kv, reused)
         self._store_prefix(token_lists, kv, reused, keys_of)
         for s, n, p in zip(stats, rows.tolist(), prompts, strict=True):
@@ -83,10 +83,19 @@ class PrefixCaching:
         used, end = len(chunks) * self.prefix_chunk, len(keys) * self.prefix_chunk
         if used == end:
             return 0
-        kv = torch.cat([c.to(self.view.device) for c in chunks] + [empty_kv(self.view, end - used)], dim=2)
+        kv = self._prefix_cache([ids[:end]], chunks, [used])
         self._run_suffixes([ids[:end]], kv, [used])
         self._store_prefix([ids[:end]], kv, [used], [keys])
         return len(keys) - len(chunks)
+
+    def _prefix_cache(self, token_lists, chunks: list[torch.Tensor], reused: list[int]) -> torch.Tensor:
+        """Packed ``[2, L, N, kv_heads, head_dim]`` cache: each prompt's reused chunks (moved to the
+        device in one transfer, in prompt order), then zeros for the tokens to compute."""
+        moved, pieces = iter(transfer.to_device(chunks, self.view.device)), []
+        for ids, used in zip(token_lists, reused, strict=True):
+            pieces += [next(moved) for _ in range(used // self.prefix_chunk)]
+            pieces.append(empty_kv(self.view, len(ids) - used))
+        return torch.cat(pieces, dim=2)
 
     def _run_suffixes(self, token_lists: list[list[int]], kv: torch.Tensor, reused: list[int]):
         """Run every token after each prompt's reused prefix (all pinned)."""

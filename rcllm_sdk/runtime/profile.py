@@ -18,7 +18,7 @@ import torch
 
 ENGINE_STEPS = {
     "_read": "store read + codec",
-    "_unpack_all": "unpack + header check",
+    "_unpack_all": "unpack + header check + copy to the device",
     "_gather": "assembly (one concat)",
     "_shift": "re-rotation (all layers)",
     "_plan_batch": "batch planning (rows, offsets)",

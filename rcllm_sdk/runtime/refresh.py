@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvariantError
 from ..prompt.renderer import SYSTEM, Block
-from . import blockkv
+from . import blockkv, transfer
 from .engine import BlockEngine
 
 log = logging.getLogger("rcllm_sdk.runtime")
@@ -55,6 +55,7 @@ def refresh_blocks(
         batch = todo[start : start + batch_blocks]
         kvs = engine.compute([b for b in batch if b.kind != SYSTEM], system_kv)
         kvs.update({b.content_hash: system_kv for b in batch if b.kind == SYSTEM})
+        kvs = dict(zip(kvs, transfer.to_host(list(kvs.values())), strict=True))  # one copy per batch
         failed += _store(store, batch, kvs, retries, retry_wait_s)
         tokens += sum(len(b.token_ids) for b in batch)
         bar.update(len(batch))

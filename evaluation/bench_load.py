@@ -11,6 +11,7 @@ setting. One row per (batching, rate):
 - ``ttft_ms_p50/p95/p99``: the server's admission -> ranking time (queueing + batched prefill;
   the ranking is the first and only token), from the response's ``e2e_ms``;
 - ``e2e_ms_p99``: the client's round trip (HTTP and JSON included);
+- ``idle_ttft_ms_p50``: the median of 20 requests sent at 2/s, once their blocks are stored;
 - ``throughput_rps``: answered 200s over the time from the first send to the last answer;
 - ``mean_batch_size`` (from ``/metrics``), ``local_hit_rate`` (blocks read from the process's own
   store / blocks used), ``remote_bytes_per_request``, ``rejected`` (503s).
@@ -51,7 +52,8 @@ class LoadConfig:
     replicas: int = 1
     routing: list[str] = field(default_factory=lambda: ["round_robin", "least_loaded", "affinity"])
     max_queue: int = 64
-    store: str = "memory://"
+    store: str = "auto"  # memory:// in one process; with replicas a fresh Redis server per setting
+    tier_fraction: float = 0.1  # with replicas: each one's local tier, a share of the blocks touched
     zipf_s: float = 1.0
     candidates_from: str = "zipf"  # or "retriever"
     candidates: int = 20
@@ -87,19 +89,64 @@ def request_bodies(config: LoadConfig, size: int, seed: int) -> list[dict]:
     return bodies
 
 
+def touched_blocks(bodies: list[dict], catalog_items: int) -> int:
+    """Distinct blocks a run's requests read: the system block, one per user, one per item (all
+    of the catalog where the retriever picks the candidates)."""
+    users = {b["user_id"] for b in bodies}
+    given = {i for b in bodies for i in b.get("candidates", ())}
+    return 1 + len(users) + (len(given) if all("candidates" in b for b in bodies) else catalog_items)
+
+
+def run_bodies(config: LoadConfig) -> tuple[list[dict], list[list[dict]]]:
+    """The idle probe's bodies and each rate's (warm-up then timed): one seeded stream for all."""
+    idle = request_bodies(config, 20, config.seed + 7)
+    size = config.warmup + config.requests
+    return idle, [request_bodies(config, size, config.seed + n) for n in range(len(config.rates))]
+
+
+def tier_blocks(config: LoadConfig, bodies: list[dict]) -> int:
+    """Each replica's local tier: ``tier_fraction`` of the distinct blocks the run touches."""
+    import polars as pl
+
+    items = pl.read_parquet(Path(config.repo) / "data" / "items.parquet", columns=["item_id"]).height
+    return max(1, round(config.tier_fraction * touched_blocks(bodies, items)))
+
+
+@contextmanager
+def shared_store(config: LoadConfig):
+    """The store URL of one setting: ``--store``, or for ``auto`` ``memory://`` in one process and
+    a fresh redis-server (stopped afterwards) shared by the replicas. (Not LMCache's ``lm://``
+    server: its reads cost ~40 ms per block here, which would swamp the routing effect.)"""
+    if config.store != "auto":
+        yield config.store
+    elif config.replicas <= 1:
+        yield "memory://"
+    else:
+        from rcllm_sdk.cache.local_servers import start_redis
+
+        server = start_redis()
+        try:
+            yield server.url
+        finally:
+            server.kill()
+
+
 READY_TIMEOUT_S = 600.0  # model load, warm-up, and Ray start on a slow box
 
 
 @contextmanager
-def serving(config: LoadConfig, max_batch: int, routing: str = "single"):
-    """``rcllm serve`` in a subprocess; yields its URL once ``/readyz`` says ready."""
+def serving(
+    config: LoadConfig, max_batch: int, routing: str = "single", store: str = "memory://", tier: int = 0
+):
+    """``rcllm serve`` in a subprocess (replicas: each a local tier of ``tier`` blocks over
+    ``store``); yields its URL once ``/readyz`` says ready."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "rcllm_sdk.cli", "serve", "--repo", config.repo, "--port", str(port)]
-    command += ["--store", config.store, "--max-batch", str(max_batch), "--max-queue", str(config.max_queue)]
+    command += ["--store", store, "--max-batch", str(max_batch), "--max-queue", str(config.max_queue)]
     if routing != "single":
-        command += ["--replicas", str(config.replicas), "--routing", routing]
+        command += ["--replicas", str(config.replicas), "--routing", routing, "--tier-blocks", str(tier)]
     proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -178,12 +225,14 @@ def run(config: LoadConfig) -> dict:
     """Every (batching, rate) point; writes the JSON, markdown and PNG; returns the report."""
     runs, samples = [], {}
     routings = config.routing if config.replicas > 1 else ["single"]
+    idle_bodies, rate_bodies = run_bodies(config)
+    tier = tier_blocks(config, idle_bodies + [b for bodies in rate_bodies for b in bodies])
     for routing, max_batch in ((r, b) for r in routings for b in config.batching):
-        with serving(config, max_batch, routing) as url:
-            idle = asyncio.run(send_open_loop(url, request_bodies(config, 20, config.seed + 7), 2.0, 0))[0]
+        with shared_store(config) as store, serving(config, max_batch, routing, store, tier) as url:
+            asyncio.run(send_open_loop(url, idle_bodies, 20.0, 0))  # their blocks stored: a warm idle p50
+            idle = asyncio.run(send_open_loop(url, idle_bodies, 2.0, 0))[0]
             idle_p50 = float(np.median([b["e2e_ms"] for s, _, b in idle if s == 200]))
-            for n, rate in enumerate(config.rates):
-                bodies = request_bodies(config, config.warmup + config.requests, config.seed + n)
+            for n, (rate, bodies) in enumerate(zip(config.rates, rate_bodies, strict=True)):
                 asyncio.run(send_open_loop(url, bodies[: config.warmup], rate, config.seed + n))
                 before = _batch_totals(url)
                 outcomes, seconds = asyncio.run(
@@ -207,15 +256,44 @@ def run(config: LoadConfig) -> dict:
                 print(
                     json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in runs[-1].items()})
                 )
-    report = {"config": asdict(config), "runs": runs, "summary": batching_gain(runs)}
+    report = {"config": {**asdict(config), "tier_blocks": tier}, "runs": runs, "summary": summary(runs)}
     _write(report, samples, Path(config.out))
     return report
+
+
+def summary(runs: list[dict]) -> dict:
+    """The batching comparison and, with replicas, affinity's against round robin's."""
+    return {**batching_gain(runs), "routing": routing_gain(runs)}
+
+
+def routing_gain(runs: list[dict]) -> list[dict]:
+    """Per (batching, rate) run by both: affinity's local hit rate over round robin's, and both
+    p99 TTFTs (the issue's acceptance figure: >= 2x, p99 no worse)."""
+    by = {(r["routing"], r["batching"], r["rate_rps"]): r for r in runs}
+    out = []
+    for (routing, batching, rate), rr in by.items():
+        aff = by.get(("affinity", batching, rate))
+        if routing != "round_robin" or aff is None:
+            continue
+        hit_ratio = aff["local_hit_rate"] / rr["local_hit_rate"] if rr["local_hit_rate"] else None
+        out.append(
+            {
+                "batching": batching,
+                "rate_rps": rate,
+                "hit_rate": [rr["local_hit_rate"], aff["local_hit_rate"]],
+                "hit_rate_ratio": hit_ratio,
+                "ttft_ms_p99": [rr["ttft_ms_p99"], aff["ttft_ms_p99"]],
+            }
+        )
+    return out
 
 
 def batching_gain(runs: list[dict]) -> dict:
     """At the highest rate where batch-1 keeps p99 TTFT <= 2x its idle p50: continuous batching's
     throughput over batch-1's, and both p99s (the issue's acceptance figure)."""
     runs = [r for r in runs if r["routing"] == runs[0]["routing"]] if runs else []  # one policy's points
+    if not any(r["batching"] == "none" for r in runs):
+        return {"note": "no batch-1 runs to compare with (--batching 1 ...)"}
     single = [r for r in runs if r["batching"] == "none" and r["ttft_ms_p99"] <= 2 * r["idle_ttft_ms_p50"]]
     if not single:
         return {"note": "batch-1 exceeded 2x its idle p50 at every rate; lower --rates"}
@@ -274,7 +352,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--routing", nargs="+", default=d.routing, help="routing policies compared (with --replicas)"
     )
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="server admission queue bound")
-    p.add_argument("--store", default=d.store, help=f"block store URL (default {d.store})")
+    p.add_argument(
+        "--store",
+        default=d.store,
+        help="block store URL (default auto: memory:// in one process; with --replicas a fresh "
+        "redis-server per setting, shared by the replicas)",
+    )
+    p.add_argument(
+        "--tier-fraction",
+        type=float,
+        default=d.tier_fraction,
+        help="with --replicas: each replica's local tier, a share of the distinct blocks the run "
+        f"touches (default {d.tier_fraction})",
+    )
     p.add_argument("--zipf-s", type=float, default=d.zipf_s, help="Zipf exponent of users and items")
     p.add_argument("--candidates-from", choices=["zipf", "retriever"], default=d.candidates_from)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -292,6 +382,7 @@ def run_from_args(args) -> None:
         "routing",
         "max_queue",
         "store",
+        "tier_fraction",
         "zipf_s",
         "candidates_from",
         "seed",

@@ -198,14 +198,10 @@ def _variants(rec: RcRecommender, policy: str, other_policies, store: str):
 class WrongHistoryRecommender(RcRecommender):
     """Control: each user's own candidates, ranked under the next user's history block."""
 
-    def _prompts(self, histories):
-        shown = histories[1:] + histories[:1]
-        template = self.ranker.template
-        plans = [
-            (seen[-template.max_history :], self._candidates(own))
-            for own, seen in zip(histories, shown, strict=False)
-        ]
-        return self._render(plans)
+    def _render_plans(self, plans):
+        shown = [p.history for p in plans[1:] + plans[:1]]
+        keep = self.ranker.template.max_history
+        return self._render([(seen[-keep:], p.candidates) for p, seen in zip(plans, shown, strict=True)])
 
 
 def _agreement(ranked: Ranked, full: Ranked) -> dict:

@@ -40,6 +40,10 @@ class RecommenderConfig:
         store: where block KV lives: ``local://`` (LMCache CPU tier, in process), ``fs:///abs/dir``,
             ``lm://host:port``, ``redis://host:port``, ``cluster:///abs/cluster.json`` (items sharded
             over several nodes, see ``rcllm_sdk.cache.cluster``) or ``memory://``.
+        tier_blocks: 0 (default) serves ``store`` as it is; N > 0 keeps an LRU of N blocks in this
+            process in front of it, as its only local copy (the store keeps no CPU copy and the
+            engine no decoded-block cache): a serving replica's bounded local tier over a shared
+            store (``rcllm_sdk.cache.tiered``).
         attention: ``auto`` (Triton kernel on CUDA, torch elsewhere), ``torch`` or ``triton``.
         prefix_chunk: tokens per cached chunk in ``prefix`` mode (vLLM's block size is 16).
         guard: in ``rcllm`` mode, run full prefill for a prompt too short for reuse to pay (a
@@ -57,6 +61,7 @@ class RecommenderConfig:
     mode: str = "rcllm"
     policy: str = DEFAULT_POLICY
     store: str = "local://"
+    tier_blocks: int = 0
     attention: str = "auto"
     prefix_chunk: int = 16
     guard: bool = True
@@ -74,6 +79,8 @@ class RecommenderConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.tier_blocks < 0:
+            raise ConfigError(f"tier_blocks must be >= 0, got {self.tier_blocks}")
         if self.prefix_chunk < 1:
             raise ConfigError(f"prefix_chunk must be >= 1, got {self.prefix_chunk}")
         if not DEVICE_PATTERN.match(self.device):

@@ -8,15 +8,8 @@ from pathlib import Path
 
 import torch
 
-from . import validation
 from .config import RecommenderConfig
-from .errors import (
-    EmptyHistoryError,
-    FeatureRepoError,
-    NotEnoughCandidatesError,
-    UnknownItemError,
-    UnknownUserError,
-)
+from .errors import FeatureRepoError, NotEnoughCandidatesError, RcLLMError
 from .features import FeatureClient
 from .model.device import check_placement
 from .model.ranker import Ranker, load_ranker
@@ -27,6 +20,7 @@ from .model_follow import AliasFollower, SwapLock
 from .prompt import ItemInfo, PromptEncoder, RenderedPrompt
 from .prompt.check import warn_if_blocks_differ
 from .prompt.template_file import with_template
+from .request_plan import RequestPlan, plan_requests, retrieve
 from .retrieval import Retriever
 from .runtime.engine import BlockEngine
 from .types import CacheStats, Recommendation
@@ -76,11 +70,12 @@ class RcRecommender:
 
             self.engine = BlockEngine(
                 ranker,
-                open_store(config.store, namespace=ranker.fingerprint),
+                open_store(config.store, namespace=ranker.fingerprint, tier_blocks=config.tier_blocks),
                 config.policy,
                 config.attention,
                 config.prefix_chunk,
                 guard=config.guard,
+                **({"hot_block_bytes": 0} if config.tier_blocks else {}),  # the tier is the only local copy
             )
             if config.mode == "rcllm" and config.guard:
                 self.engine.calibrate_guard()  # here, not inside the first request's latency
@@ -278,60 +273,38 @@ class RcRecommender:
 
     def _serve_batch(self, user_ids, k, candidates) -> list[Recommendation]:
         started = time.perf_counter()
+        plans = self.plan(user_ids, k, candidates)
+        refused = next((p for p in plans if isinstance(p, Exception)), None)
+        if refused is not None:
+            raise refused
+        return self._serve_plans(plans, started)
+
+    def plan(self, user_ids: list[int], k=10, candidates=None) -> list[RequestPlan | RcLLMError]:
+        """Plan requests without running them: one Feast read of the histories, then per user a
+        :class:`~rcllm_sdk.request_plan.RequestPlan` (history, candidates, ``blocks``) or the
+        named error that refuses that user alone. ``k``: one count, or one per user; the rest as in
+        :meth:`recommend_batch`. Serve plans with :meth:`recommend_planned`."""
+        return plan_requests(self, user_ids, k, candidates)
+
+    def recommend_planned(self, plans: list[RequestPlan]) -> list[Recommendation]:
+        """One :class:`Recommendation` per plan of :meth:`plan` (each cut to its own ``k``),
+        without reading the histories again."""
+        with self.swap_lock.reading():
+            return self._serve_plans(plans, time.perf_counter())
+
+    def _serve_plans(self, plans: list[RequestPlan], started: float) -> list[Recommendation]:
         self.weights_watch.check(self.ranker)
-        user_ids = validation.user_ids(user_ids)
-        k = self._check_k(k)
-        chosen = [self._check_candidates(c, k) for c in validation.candidate_lists(candidates, len(user_ids))]
-        histories = self.features.histories(user_ids)
         results: dict[int, Recommendation] = {}
         pending = []
-        for slot, (user, found) in enumerate(zip(user_ids, histories, strict=False)):
-            history = self._history_or_cold_start(user, found)
-            if history is None:
-                results[slot] = self._popular(user, k, started)
+        for slot, plan in enumerate(plans):
+            if plan.history is None:
+                results[slot] = self._popular(plan.user_id, plan.k, started)
             else:
-                pending.append((slot, user, history))
+                pending.append((slot, plan))
         for chunk in _chunks(pending, self.config.batch_size):
-            for slot, rec in self._rank_chunk(chunk, k, started, chosen):
-                results[slot] = rec
-        return [results[i] for i in range(len(user_ids))]
-
-    def _check_k(self, k: int) -> int:
-        k = validation.count(k, "k")
-        if not 1 <= k <= self.config.candidates:
-            raise NotEnoughCandidatesError(
-                f"k={k} but the ranker sees {self.config.candidates} candidates; "
-                f"ask for 1 <= k <= {self.config.candidates} or raise `candidates`"
-            )
-        return k
-
-    def _check_candidates(self, items: list[int] | None, k: int) -> list[int] | None:
-        if items is None:
-            return None
-        unknown = [i for i in items if i not in self.retriever.index]
-        if unknown:
-            raise UnknownItemError(f"candidates {unknown[:10]} are not in the catalog; pass known item ids")
-        if not k <= len(items) <= self.config.candidates:
-            raise NotEnoughCandidatesError(
-                f"{len(items)} candidates given for k={k}; give k to {self.config.candidates} items"
-            )
-        return items
-
-    def _history_or_cold_start(self, user: int, found) -> list[int] | None:
-        if found is None:
-            if self.config.cold_start == "popular":
-                return None
-            raise UnknownUserError(
-                f"user {user} is not in the feature store; ingest their interactions "
-                "or set cold_start='popular'"
-            )
-        if not found[0]:
-            if self.config.cold_start == "popular":
-                return None
-            raise EmptyHistoryError(
-                f"user {user} has no interactions; set cold_start='popular' to serve them"
-            )
-        return found[0]
+            for slot, rec in self._rank_chunk([plan for _, plan in chunk], started):
+                results[chunk[slot][0]] = rec
+        return [results[i] for i in range(len(plans))]
 
     def _popular(self, user: int, k: int, started: float) -> Recommendation:
         items = self.retriever.popular(k)
@@ -346,27 +319,19 @@ class RcRecommender:
             model_version=self.model_version,
         )
 
-    def _rank_chunk(self, chunk, k: int, started: float, chosen: list[list[int] | None]):
-        histories = [history for _, _, history in chunk]
-        if all(chosen[slot] is None for slot, _, _ in chunk):
-            prompts = self._prompts(histories)
-        else:
-            shown = [h[-self.ranker.template.max_history :] for h in histories]
-            plans = [
-                (s, chosen[slot] or self._candidates(h)) for s, (slot, _, h) in zip(shown, chunk, strict=True)
-            ]
-            prompts = self._render(plans)
+    def _rank_chunk(self, plans: list[RequestPlan], started: float):
+        prompts = self._render_plans(plans)
         t0 = time.perf_counter()
         scored = self._score(prompts, [self.label_ids[: len(p.candidate_ids)] for p in prompts])
         ttft = _ms_since(t0)
         if self.engine is not None:
             self.engine.flush()  # blocks computed here are stored before the result returns (counted in e2e)
-        for (slot, user, _), prompt, (score, cache) in zip(chunk, prompts, scored, strict=False):
-            order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
+        for slot, (plan, prompt, (score, cache)) in enumerate(zip(plans, prompts, scored, strict=True)):
+            order = torch.argsort(score, descending=True, stable=True)[: plan.k].tolist()
             yield (
                 slot,
                 Recommendation(
-                    user,
+                    plan.user_id,
                     [prompt.candidate_ids[i] for i in order],
                     [float(score[i]) for i in order],
                     [prompt.labels[i] for i in order],
@@ -401,10 +366,13 @@ class RcRecommender:
 
     def _prompts(self, histories: list[list[int]]) -> list[RenderedPrompt]:
         """Retrieve candidates for each history, read all their item features in one Feast call, render."""
-        template = self.ranker.template
-        return self._render(
-            [(history[-template.max_history :], self._candidates(history)) for history in histories]
-        )
+        keep = self.ranker.template.max_history
+        return self._render([(history[-keep:], self._candidates(history)) for history in histories])
+
+    def _render_plans(self, plans: list[RequestPlan]) -> list[RenderedPrompt]:
+        """Each plan's prompt: its shown history (the template's last ``max_history``) and candidates."""
+        keep = self.ranker.template.max_history
+        return self._render([(plan.history[-keep:], plan.candidates) for plan in plans])
 
     def _render(self, plans: list[tuple[list[int], list[int]]]) -> list[RenderedPrompt]:
         """Prompts of ``(shown history, candidates)`` pairs; one Feast read for all their items."""
@@ -415,13 +383,7 @@ class RcRecommender:
         ]
 
     def _candidates(self, history: list[int]) -> list[int]:
-        candidates = self.retriever.candidates(history, self.config.candidates)
-        if len(candidates) < self.config.candidates:
-            raise NotEnoughCandidatesError(
-                f"the retriever found {len(candidates)} unseen items, "
-                f"fewer than candidates={self.config.candidates}; lower it"
-            )
-        return candidates
+        return retrieve(self.retriever, history, self.config.candidates)
 
     def _items(self, item_ids: list[int]) -> dict[int, ItemInfo]:
         cols = self.features.items(item_ids)

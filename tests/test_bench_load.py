@@ -79,3 +79,18 @@ def test_a_real_report_follows_the_schema(tmp_path):
     schema = json.loads((Path(__file__).parents[1] / "evaluation/schemas/bench_load.schema.json").read_text())
     jsonschema.validate(json.loads(out.read_text()), schema)
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_routing_gain_compares_affinity_with_round_robin_at_each_rate():
+    from rcllm_sdk.evaluation.bench_load import routing_gain, touched_blocks
+
+    runs = [
+        {**_run("continuous:8", 50, 49, 30), "routing": "round_robin", "local_hit_rate": 0.2},
+        {**_run("continuous:8", 50, 49, 28), "routing": "affinity", "local_hit_rate": 0.5},
+        {**_run("continuous:8", 90, 80, 60), "routing": "round_robin", "local_hit_rate": 0.2},
+    ]
+    (gain,) = routing_gain(runs)  # 90 rps has no affinity run
+    assert gain["hit_rate_ratio"] == 2.5 and gain["ttft_ms_p99"] == [30, 28]
+    bodies = [{"user_id": 1, "candidates": [5, 6]}, {"user_id": 2, "candidates": [6, 7]}]
+    assert touched_blocks(bodies, 100) == 1 + 2 + 3  # system, users, items
+    assert touched_blocks([{"user_id": 1}], 100) == 1 + 1 + 100  # the retriever may pick any item

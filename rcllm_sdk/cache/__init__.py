@@ -40,7 +40,9 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
         url: ``memory://``, ``local://``, ``fs:///abs/dir``, ``lm://host:port`` or ``redis://host:port``.
         namespace: 1-64 characters from ``[A-Za-z0-9._-]``; stores of different namespaces never
             see each other's values, even on one server.
-        **options: LMCache stores: ``max_local_cpu_gb`` (0.5), ``timeout_s`` (2.0), ``retry_s`` (5.0).
+        **options: LMCache stores: ``max_local_cpu_gb`` (0.5), ``timeout_s`` (2.0), ``retry_s`` (5.0);
+            any store: ``tier_blocks`` (N > 0: an LRU of N blocks in this process in front of
+            the store, which then keeps no CPU copy of its own; ``rcllm_sdk.cache.tiered``).
 
     Raises:
         ConfigError: unknown scheme or option, malformed URL or namespace.
@@ -51,6 +53,12 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
     """
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise ConfigError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}")
+    tier_blocks = options.pop("tier_blocks", 0)
+    if tier_blocks:  # a bounded local tier of its own over the shared store (cache/tiered.py)
+        from .tiered import TieredStore
+
+        shared = dict(options, tier_cache=False) if url.lower().startswith(_LMCACHE_REMOTES) else options
+        return TieredStore(open_store(url, namespace, **shared), tier_blocks)
     url, parts = _normalised(url)
     if parts.scheme == "memory":
         _reject(options, set(), url)
@@ -65,6 +73,9 @@ def open_store(url: str, namespace: str, **options) -> BlockStore:
             "lm://host:port, redis://host:port or cluster:///abs/cluster.json"
         )
     return _open_lmcache(url, parts, namespace, options)
+
+
+_LMCACHE_REMOTES = ("fs:", "lm:", "redis:", "rediss:")  # stores whose CPU tier copies the remote
 
 
 def _open_cluster(url, parts, namespace: str, options: dict) -> BlockStore:

@@ -44,7 +44,7 @@ def add_commands(sub) -> None:
         "--tier-blocks",
         type=int,
         default=4096,
-        help="blocks a replica's local tier holds (router's estimate)",
+        help="with --replicas: blocks each replica's local tier holds over the shared --store (default 4096)",
     )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("bench-load", help="open-loop load on rcllm serve: TTFT and throughput per rate")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..errors import Overloaded, RcLLMError
 from .routing import ReplicaState, Router
@@ -137,8 +137,9 @@ def start_replicas(repo: str, model: str | None, config, settings, replicas: int
     """Deploy ``replicas`` replicas; ``(RayScheduler, ReplicaSet)`` for ``create_app``.
 
     ``config``: the resolved :class:`~rcllm_sdk.config.RecommenderConfig` every replica uses;
-    ``options``: ``ray_address`` (join a cluster; default a local one) and ``tier_blocks`` (the
-    router's estimate of each replica's local tier, in blocks).
+    ``options``: ``ray_address`` (join a cluster; default a local one) and ``tier_blocks`` (each
+    replica's local tier over the shared store, in blocks, and the router's estimate of it;
+    default ``config.tier_blocks``, else 4096).
     """
     import ray
     from ray import serve
@@ -157,12 +158,13 @@ def start_replicas(repo: str, model: str | None, config, settings, replicas: int
         "max_queue": settings.max_queue,
         "deadline_ms": settings.deadline_ms,
     }
+    tier = options.get("tier_blocks") or config.tier_blocks or 4096
+    replica_config = asdict(replace(config, tier_blocks=tier))  # each its own bounded local tier
     handles = {}
     for i in range(replicas):
         name = f"rcllm-replica-{i}"
-        app = deployment.options(name=name).bind(str(repo), model, asdict(config), scheduling)
+        app = deployment.options(name=name).bind(str(repo), model, replica_config, scheduling)
         handles[name] = serve.run(app, name=name, route_prefix=None)
-    tier = options.get("tier_blocks") or 4096
     router = Router([ReplicaState(name, tier) for name in handles], routing)
     version = next(iter(handles.values())).model_version.remote().result()
     return RayScheduler(handles, router, settings.max_queue * replicas), ReplicaSet(router, version)

@@ -26,8 +26,9 @@ from ..errors import DeadlineExceeded, Overloaded
 
 @dataclass(slots=True, eq=False)
 class Request:
-    """One admitted request. ``blocks`` and ``candidates`` are filled by the planner (``error``
-    where planning refused it); ``variant`` is the (mode, policy) a batch must share."""
+    """One admitted request. ``plan`` (what the runner serves) and ``blocks`` are filled by the
+    planner (``error`` where planning refused it); ``candidates`` are the client's, if any;
+    ``variant`` is the (mode, policy) a batch must share."""
 
     user_id: int
     k: int
@@ -38,6 +39,7 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     seq: int = 0
     blocks: frozenset = frozenset()
+    plan: object | None = None
     error: Exception | None = None
     future: asyncio.Future | None = None
 
@@ -71,7 +73,7 @@ def pick_batch(pending: Sequence[Request], max_batch: int) -> list[Request]:
 class Scheduler:
     """Batches concurrent ``submit`` calls for a runner (asyncio; run it on one event loop).
 
-    ``plan(requests)`` fills each request's ``blocks``/``candidates`` (or ``error``);
+    ``plan(requests)`` fills each request's ``plan`` and ``blocks`` (or ``error``);
     ``run(batch)`` returns one result or exception per request. Both run on the worker thread.
     ``on_batch(size)`` is told each batch's size (metrics).
     """

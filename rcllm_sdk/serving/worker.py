@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InvalidRequestError, RcLLMError
@@ -53,46 +52,34 @@ class Worker:
             return found
 
     def plan(self, requests: list[Request]) -> None:
-        """Fill each request's candidates and blocks (user, candidate items), or its error."""
-        histories = self.rec.features.histories([r.user_id for r in requests])
-        for request, found in zip(requests, histories, strict=True):
+        """Fill each request's ``plan`` and ``blocks`` (user, candidate items), or its ``error``:
+        one ``RcRecommender.plan`` call (one Feast read) per mode and policy among them."""
+        by_variant = defaultdict(list)
+        for request in requests:
             try:
-                self._plan_one(request, found)
+                by_variant[self.recommender(request.variant)].append(request)
             except RcLLMError as exc:
                 request.error = exc
-
-    def _plan_one(self, request: Request, found) -> None:
-        rec = self.recommender(request.variant)
-        rec._check_k(request.k)
-        history = rec._history_or_cold_start(request.user_id, found)
-        if request.candidates is not None:
-            rec._check_candidates(request.candidates, request.k)
-        elif history is not None:
-            request.candidates = rec._candidates(history)
-        request.blocks = frozenset(request.candidates or ()) | {("user", request.user_id)}
+        for rec, group in by_variant.items():
+            plans = rec.plan([r.user_id for r in group], [r.k for r in group], [r.candidates for r in group])
+            for request, plan in zip(group, plans, strict=True):
+                if isinstance(plan, Exception):
+                    request.error = plan
+                else:
+                    request.plan, request.blocks = plan, plan.blocks
 
     def run(self, batch: list[Request]) -> list:
-        """One result (a ``Recommendation`` cut to the request's ``k``) or exception per request."""
+        """One result (a ``Recommendation`` cut to the request's ``k``) or exception per request,
+        served from the requests' plans."""
         rec = self.recommender(batch[0].variant)
-        groups = defaultdict(list)  # by candidate count: every k of a group fits its candidates
-        for r in batch:
-            groups[len(r.candidates) if r.candidates else 0].append(r)
-        done = {}
-        for group in groups.values():
-            for r, result in zip(group, self._run_group(rec, group), strict=True):
-                done[id(r)] = result if isinstance(result, Exception) else _top(result, r.k)
-        return [done[id(r)] for r in batch]
-
-    def _run_group(self, rec, group: list[Request]) -> list:
-        k = max(r.k for r in group)
         try:
-            return rec.recommend_batch([r.user_id for r in group], k, [r.candidates for r in group])
+            return rec.recommend_planned([r.plan for r in batch])
         except RcLLMError:  # isolate the request that failed: the others are served
-            return [self._run_one(rec, r) for r in group]
+            return [self._run_one(rec, r) for r in batch]
 
     def _run_one(self, rec, r: Request):
         try:
-            return rec.recommend(r.user_id, r.k, r.candidates)
+            return rec.recommend_planned([r.plan])[0]
         except RcLLMError as exc:
             return exc
 
@@ -124,7 +111,3 @@ class Worker:
     def close(self) -> None:
         for rec in self._variants.values():
             rec.close()
-
-
-def _top(result, k: int):
-    return replace(result, item_ids=result.item_ids[:k], scores=result.scores[:k], labels=result.labels[:k])

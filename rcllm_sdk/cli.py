@@ -19,6 +19,7 @@ from .cli_args import (
     _serving_args,
     _train_args,
     _train_device_args,
+    serving_overrides,
 )
 from .errors import ConfigError, RcLLMError
 from .runtime.policies import DEFAULT_POLICY
@@ -77,15 +78,7 @@ def cmd_recommend(args) -> None:
     from .recommender import RcRecommender
     from .serving.payload import recommendation_json
 
-    with RcRecommender.from_feature_store(
-        args.repo,
-        model=args.model,
-        mode=args.mode,
-        policy=args.policy,
-        store=args.store,
-        device=args.device,
-        dtype=args.dtype,
-    ) as rec:
+    with RcRecommender.from_feature_store(args.repo, model=args.model, **serving_overrides(args)) as rec:
         for user in args.user:
             print(json.dumps(recommendation_json(rec.recommend(user, k=args.k))))
 

@@ -279,6 +279,14 @@ def _serving_args(p) -> None:
     _model_device_args(p)
 
 
+SERVING_FLAGS = ("mode", "policy", "store", "device", "dtype")
+
+
+def serving_overrides(args) -> dict:
+    """The :class:`RecommenderConfig` fields the serving flags set (``None``: not given)."""
+    return {name: getattr(args, name, None) for name in SERVING_FLAGS}
+
+
 def _model_device_args(p) -> None:
     """Where the served model runs (``RecommenderConfig.device`` / ``dtype``)."""
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (CUDA when present)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli_args import DEMO_REPO, _model_device_args
+from ..cli_args import DEMO_REPO, _model_device_args, serving_overrides
 
 
 def add_commands(sub) -> None:
@@ -84,15 +84,7 @@ def cmd_serve(args) -> None:
     if args.replicas > 1 or args.ray_address:
         app, version = _replicated_app(args, settings)
     else:
-        rec = RcRecommender.from_feature_store(
-            args.repo,
-            model=args.model,
-            mode=args.mode,
-            policy=args.policy,
-            store=args.store,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        rec = RcRecommender.from_feature_store(args.repo, model=args.model, **serving_overrides(args))
         app, version = create_app(Worker(rec, args.repo), settings), rec.model_version
     print(f"rcllm serve: http://{args.host}:{args.port} (model {version})", flush=True)
     uvicorn.run(
@@ -109,9 +101,7 @@ def _replicated_app(args, settings):
     from .app import create_app
     from .replicas import start_replicas
 
-    config = RecommenderConfig.resolve(
-        mode=args.mode, policy=args.policy, store=args.store, device=args.device, dtype=args.dtype
-    )
+    config = RecommenderConfig.resolve(**serving_overrides(args))
     scheduler, replicas = start_replicas(
         args.repo,
         args.model,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import validation
 from .errors import (
@@ -36,6 +37,27 @@ class RequestPlan:
     def blocks(self) -> frozenset:
         """The cacheable blocks it reads, by identity: its user block and one per candidate item."""
         return frozenset(self.candidates or ()) | {("user", self.user_id)}
+
+
+@dataclass(frozen=True, slots=True)
+class Planner:
+    """Planning without a model: the features, retriever and settings ``plan_requests`` reads.
+    A router plans with one before it picks a replica, so it knows every block a request reads."""
+
+    features: object
+    retriever: object
+    config: object  # a RecommenderConfig: ``candidates`` and ``cold_start``
+
+    @classmethod
+    def from_repo(cls, repo: str | Path, config) -> Planner:
+        from .features import FeatureClient
+        from .retrieval import Retriever
+
+        return cls(FeatureClient(repo), Retriever.load(Path(repo) / "data" / "retriever.npz"), config)
+
+    def plan(self, user_ids, k=10, candidates=None) -> list[RequestPlan | RcLLMError]:
+        """As ``RcRecommender.plan``."""
+        return plan_requests(self, user_ids, k, candidates)
 
 
 def plan_requests(rec, user_ids, k: int | Sequence[int], candidates) -> list[RequestPlan | RcLLMError]:

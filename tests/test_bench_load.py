@@ -6,15 +6,54 @@ from __future__ import annotations
 
 import numpy as np
 
-from rcllm_sdk.evaluation.bench_load import batching_gain, markdown, row, zipf_draws
+from rcllm_sdk.evaluation.bench_load import (
+    LoadConfig,
+    batching_gain,
+    markdown,
+    prewarm_bodies,
+    request_bodies,
+    row,
+    zipf_ranks,
+)
 
 
-def test_zipf_draws_favour_one_value_per_rank_and_stay_in_range():
-    draws = zipf_draws(50, 5000, 1.0, np.random.default_rng(0))
+def test_zipf_ranks_favour_the_first_ranks_and_stay_in_range():
+    draws = zipf_ranks(50, 5000, 1.0, np.random.default_rng(0))
     counts = np.bincount(draws, minlength=50)
     assert draws.min() >= 0 and draws.max() < 50
-    top = np.sort(counts)[::-1]
-    assert top[0] > 3 * top[9] > 0  # rank 1 ~ 10x rank 10 under s = 1
+    assert counts[0] > 3 * counts[9] > 0  # rank 1 ~ 10x rank 10 under s = 1
+
+
+def test_every_stream_of_a_run_shares_one_popularity_order(tmp_path):
+    """Regression: each draw once shuffled the catalog anew, so no item was popular."""
+    import polars as pl
+
+    (tmp_path / "data").mkdir()
+    pl.DataFrame({"user_id": list(range(100))}).write_parquet(tmp_path / "data" / "user_history.parquet")
+    pl.DataFrame({"item_id": list(range(1000, 1300))}).write_parquet(tmp_path / "data" / "items.parquet")
+    config = LoadConfig(repo=str(tmp_path), candidates=5)
+
+    def counts(seed):
+        bodies = request_bodies(config, 400, seed)
+        users = np.bincount([b["user_id"] for b in bodies], minlength=100)
+        items = np.bincount([i - 1000 for b in bodies for i in b["candidates"]], minlength=300)
+        return users, items
+
+    (users_a, items_a), (users_b, items_b) = counts(1), counts(2)
+    assert users_a.argmax() == users_b.argmax() and items_a.argmax() == items_b.argmax()
+    assert np.sort(items_a)[::-1][:10].sum() > 0.2 * items_a.sum()  # a popular head exists
+    assert all(len(set(b["candidates"])) == 5 for b in request_bodies(config, 50, 3))
+
+
+def test_prewarm_reads_every_block_of_the_run_in_valid_requests():
+    config = LoadConfig(candidates=4, k=3)
+    bodies = [{"user_id": u, "k": 3, "candidates": [u, u + 10, u + 20, u + 30]} for u in range(1, 4)]
+    warm = prewarm_bodies(config, bodies)
+    assert {b["user_id"] for b in warm} == {1, 2, 3}
+    assert {i for b in warm for i in b["candidates"]} == {i for b in bodies for i in b["candidates"]}
+    assert all(3 <= len(set(b["candidates"])) == len(b["candidates"]) <= 4 for b in warm)
+    retrieved = prewarm_bodies(LoadConfig(candidates_from="retriever"), [{"user_id": 5}, {"user_id": 5}])
+    assert retrieved == [{"user_id": 5, "k": 10}]
 
 
 def _ok(e2e, hits=3, misses=1, local=3, remote=0):
@@ -58,6 +97,10 @@ def test_batching_gain_compares_at_batch_one_s_last_good_rate():
     summary = batching_gain(runs)
     assert summary["batch1_rate_rps"] == 20 and summary["continuous_at_equal_p99_throughput_rps"] == 38
     assert summary["gain_at_equal_p99"] == 2.0
+    at_40 = summary["at_each_rate"][2]  # batch 1's p99 90 ms: continuous serves 38 rps within it
+    assert (at_40["rate_rps"], at_40["gain_at_equal_p99"]) == (40, 38 / 25)
+    none_good = batching_gain([r for r in runs if r["ttft_ms_p99"] > 19] + [_run("none", 5, 5, 21)])
+    assert "note" in none_good and len(none_good["at_each_rate"]) == 2
     table = markdown({"runs": runs, "summary": summary})
     assert table.count("\n| single |") == 5
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -44,14 +45,12 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def replicated(trained_repo, tmp_path_factory):
-    repo, _ = trained_repo
+@contextmanager
+def _serving(repo, log, env, *flags):
+    """``rcllm serve --replicas 2 FLAGS`` in its own session; yields ``(proc, url)`` once ready."""
     port = _free_port()
-    env = {**os.environ, "RCLLM_THREADS": "1"}
     command = [sys.executable, "-m", "rcllm_sdk.cli", "serve", "--repo", str(repo), "--store", "memory://"]
-    command += ["--port", str(port), "--replicas", "2", "--routing", "round_robin"]
-    log = tmp_path_factory.mktemp("replicas") / "serve.log"
+    command += ["--port", str(port), "--replicas", "2", *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -59,13 +58,22 @@ def replicated(trained_repo, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, log)
-        yield proc, url, repo
+        yield proc, url
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session this fixture started, Ray included
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this started, Ray included
+
+
+@pytest.fixture(scope="module")
+def replicated(trained_repo, tmp_path_factory):
+    repo, _ = trained_repo
+    log = tmp_path_factory.mktemp("replicas") / "serve.log"
+    env = {**os.environ, "RCLLM_THREADS": "1"}
+    with _serving(repo, log, env, "--routing", "round_robin") as (proc, url):
+        yield proc, url, repo
 
 
 def _wait_ready(proc, url, log, limit_s=300):
@@ -87,7 +95,71 @@ def _users(repo, n):
     return pl.read_parquet(repo / "data" / "user_history.parquet")["user_id"].sort().to_list()[:n]
 
 
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A one-node Ray cluster started as an operator starts it (``ray start --head``, token
+    authentication on, with a token of its own); yields the address it prints (Ray advertises
+    the node's own IP, never the loopback: it rewrites 127.0.0.1) and the environment a client
+    joins with. Stopped with its whole process group afterwards."""
+    import secrets
+
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port = _free_port()
+    ray = Path(sys.executable).parent / "ray"
+    command = [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
+    command += ["--include-dashboard", "false", "--disable-usage-stats"]
+    env = {**os.environ, **auth, "RCLLM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}  # replicas run in it
+    log = tmp_path / "ray.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield _printed_address(head, log), {**os.environ, **auth}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _printed_address(head, log, limit_s: float = 180.0) -> str:
+    """The ``--address='HOST:PORT'`` that ``ray start`` prints once the head is up."""
+    import re
+
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        assert head.poll() is None, log.read_text()
+        found = re.search(r"--address='([^']+)'", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.5)
+    raise AssertionError(f"the Ray head printed no address: {log.read_text()}")
+
+
+def test_serve_joins_a_running_ray_cluster_and_reports_replica_batches(trained_repo, ray_head, tmp_path):
+    repo, _ = trained_repo
+    address, env = ray_head
+    with _serving(repo, tmp_path / "serve.log", env, "--routing", "affinity", "--ray-address", address) as (
+        _,
+        url,
+    ):
+        users = _users(repo, 6)
+        bodies = [{"user_id": u, "k": 5} for u in users]
+        batch = httpx.post(f"{url}/v1/recommend:batch", json={"requests": bodies}, timeout=120)
+        assert batch.status_code == 200
+        assert all(len(r["item_ids"]) == 5 for r in batch.json()["results"])
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        values = dict(line.split() for line in metrics.splitlines() if line.startswith("rcllm_batch_size_"))
+        assert float(values["rcllm_batch_size_sum"]) == len(users)  # every request in one counted batch
+        assert float(values["rcllm_batch_size_count"]) >= 1
+
+
 def test_a_killed_replica_costs_no_request_and_the_other_keeps_serving(replicated):
+    # runs after the `ray start` test above: its cluster, recorded in /tmp/ray and gone, is not joined
     proc, url, repo = replicated
     users = _users(repo, 40)
     replicas = {

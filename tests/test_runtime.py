@@ -328,7 +328,10 @@ def test_hot_blocks_serve_the_same_kv_and_never_a_rewritten_blocks_old_value():
     changed = engine.score([prompt], [LABELS])[0]
     assert not torch.equal(changed.logits, hot.logits)  # the new value is served
     refresh_blocks(engine, [system, item], force=True, progress=False)  # rewrites the original value
-    assert torch.equal(engine.score([prompt], [LABELS])[0].logits, hot.logits)
+    refreshed = engine.score([prompt], [LABELS])[0].logits
+    # recomputed in a batch of another shape: equal up to float rounding on some CPUs, not bitwise
+    assert torch.allclose(refreshed, hot.logits, rtol=0, atol=1e-5)
+    assert (refreshed - changed.logits).abs().max() > 100 * (refreshed - hot.logits).abs().max()
 
 
 def test_hot_blocks_stay_within_their_bound():

@@ -94,6 +94,8 @@ def create_app(worker, settings: ServeSettings | None = None, scheduler=None) ->
             settings.deadline_ms,
             on_batch=metrics.batch_size.observe,
         )
+    else:
+        scheduler.on_batch = metrics.batch_size.observe
 
     @asynccontextmanager
     async def lifespan(app):

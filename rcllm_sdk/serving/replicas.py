@@ -2,11 +2,14 @@
 
 Each replica is a Ray Serve deployment of one :class:`Replica` (its own recommender, local block
 tier, worker and batching scheduler), deployed as its own application so the router can address
-it. :class:`RayScheduler` stands in for the local scheduler in ``create_app``: it picks a replica
-with :class:`~rcllm_sdk.serving.routing.Router` (blocks: the user and any client-given
-candidates), and when a replica dies with a request in flight it retries that request once on
-another replica and keeps the dead one out of rotation for ``revive_after_s`` (Ray Serve
-restarts it). Ray is imported only here, only when ``rcllm serve --replicas N`` (N > 1) asks.
+it. :class:`RayScheduler` stands in for the local scheduler in ``create_app``: it plans each
+request first (one Feast read and the retriever, no model: :class:`~rcllm_sdk.request_plan.Planner`)
+so the router sees every block the request reads (its user and candidate items), picks a replica
+with :class:`~rcllm_sdk.serving.routing.Router` and sends the request with its planned
+candidates, so the replica does not retrieve again. When a replica dies with a request in
+flight it retries that request once on another replica and keeps the dead one out of rotation
+for ``revive_after_s`` (Ray Serve restarts it). Ray is imported only here, only when
+``rcllm serve --replicas N`` (N > 1) asks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from dataclasses import asdict, replace
 
 from ..errors import Overloaded, RcLLMError
+from ..request_plan import Planner
 from .routing import ReplicaState, Router
 from .scheduler import Request, Scheduler
 from .worker import Worker
@@ -32,10 +36,12 @@ class Replica:
         self.scheduling, self.scheduler = scheduling, None
 
     async def recommend(self, request: Request):
-        """The request's ``Recommendation``; raises its named error."""
+        """``(Recommendation, opened_batch)`` (the size of the batch the request opened, else 0:
+        the router's batch-size metric); raises the request's named error."""
         if self.scheduler is None:  # made on the replica's own event loop
             self.scheduler = Scheduler(self.worker.plan, self.worker.run, **self.scheduling)
-        return await self.scheduler.submit(request)
+        result = await self.scheduler.submit(request)
+        return result, request.opened_batch
 
     def model_version(self) -> str:
         return self.worker.model_version
@@ -68,16 +74,21 @@ class ReplicaSet:
 
 
 class RayScheduler:
-    """Routes requests to replicas (``Scheduler``'s interface for ``create_app``)."""
+    """Plans and routes requests to replicas (``Scheduler``'s interface for ``create_app``).
+    ``planner``: plans requests so the router sees all their blocks (``None``: the router sees
+    the user and any client candidates); ``on_batch``: told each replica batch's size."""
 
-    def __init__(self, handles: dict, router: Router, max_queue: int, revive_after_s: float = 5.0):
+    def __init__(
+        self, handles: dict, router: Router, max_queue: int, planner=None, revive_after_s: float = 5.0
+    ):
         self.handles, self.router, self.max_queue = handles, router, max_queue
-        self.revive_after_s = revive_after_s
+        self.planner, self.revive_after_s, self.on_batch = planner, revive_after_s, None
         self._dead_since: dict[str, float] = {}
+        self._planning = 0
 
     @property
     def depth(self) -> int:
-        return sum(r.in_flight for r in self.router.replicas)
+        return sum(r.in_flight for r in self.router.replicas) + self._planning
 
     def start(self) -> None:
         """Nothing to start: replicas run their own schedulers."""
@@ -86,23 +97,53 @@ class RayScheduler:
         """In-flight requests are awaited by their HTTP handlers; replicas drain their own queues."""
 
     async def submit(self, request: Request):
-        if self.depth >= self.max_queue:
-            raise Overloaded(f"{self.depth} requests in flight over the replicas; retry later", 1.0)
-        return await self._route(request)
+        (outcome,) = await self.submit_many([request])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def submit_many(self, requests: list[Request]) -> list:
         if self.depth + len(requests) > self.max_queue:
             raise Overloaded(f"{self.depth} requests in flight over the replicas; retry later", 1.0)
-        return await asyncio.gather(*(self._route(r) for r in requests), return_exceptions=True)
+        self._planning += len(requests)
+        try:
+            routed = await self._planned(requests)
+        finally:
+            self._planning -= len(requests)
+        return await asyncio.gather(
+            *(self._route(r, blocks) if blocks is not None else _raise(r) for r, blocks in routed),
+            return_exceptions=True,
+        )
 
-    async def _route(self, request: Request):
-        blocks = frozenset(request.candidates or ()) | {("user", request.user_id)}
+    async def _planned(self, requests: list[Request]) -> list[tuple]:
+        """``(request to send, its blocks)`` per request; ``(named error, None)`` where planning
+        refused it. One planning call (one Feast read) for all of them, off the event loop."""
+        if self.planner is None:
+            return [(r, frozenset(r.candidates or ()) | {("user", r.user_id)}) for r in requests]
+        plans = await asyncio.to_thread(
+            self.planner.plan,
+            [r.user_id for r in requests],
+            [r.k for r in requests],
+            [r.candidates for r in requests],
+        )
+        out = []
+        for request, plan in zip(requests, plans, strict=True):
+            if isinstance(plan, Exception):
+                out.append((plan, None))
+            else:  # the replica ranks the planned candidates: no second retrieval there
+                out.append((replace(request, candidates=plan.candidates or request.candidates), plan.blocks))
+        return out
+
+    async def _route(self, request: Request, blocks: frozenset):
         tried: list[str] = []
         for _ in range(2):  # the first try and one retry on another replica
             self._revive()
             replica = self.router.pick(blocks, exclude=tried)
             try:
-                return await self.handles[replica.name].recommend.remote(request)
+                result, opened_batch = await self.handles[replica.name].recommend.remote(request)
+                if opened_batch and self.on_batch is not None:
+                    self.on_batch(opened_batch)
+                return result
             except Exception as exc:
                 named = getattr(exc, "cause", exc)
                 if isinstance(named, RcLLMError):
@@ -125,6 +166,10 @@ class RayScheduler:
                 del self._dead_since[replica.name]
 
 
+async def _raise(error: Exception):
+    raise error
+
+
 def _replica_gone(exc: Exception) -> bool:
     from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -145,7 +190,8 @@ def start_replicas(repo: str, model: str | None, config, settings, replicas: int
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=options.get("ray_address"), include_dashboard=False, log_to_driver=False)
+        address = options.get("ray_address") or "local"  # never a cluster `ray start` left recorded
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     deployment = serve.deployment(
         Replica,
         max_ongoing_requests=settings.max_queue + settings.max_batch,
@@ -167,4 +213,6 @@ def start_replicas(repo: str, model: str | None, config, settings, replicas: int
         handles[name] = serve.run(app, name=name, route_prefix=None)
     router = Router([ReplicaState(name, tier) for name in handles], routing)
     version = next(iter(handles.values())).model_version.remote().result()
-    return RayScheduler(handles, router, settings.max_queue * replicas), ReplicaSet(router, version)
+    planner = Planner.from_repo(repo, config)
+    scheduler = RayScheduler(handles, router, settings.max_queue * replicas, planner)
+    return scheduler, ReplicaSet(router, version)

@@ -54,8 +54,8 @@ class Router:
         self,
         replicas: list[ReplicaState],
         policy: str = "affinity",
-        load_weight: float = 0.05,
-        imbalance: int = 4,
+        load_weight: float = 0.5,
+        imbalance: int = 2,
     ):
         if policy not in POLICIES:
             raise ConfigError(f"routing must be one of {POLICIES}, got {policy!r}")

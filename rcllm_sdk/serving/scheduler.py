@@ -28,7 +28,8 @@ from ..errors import DeadlineExceeded, Overloaded
 class Request:
     """One admitted request. ``plan`` (what the runner serves) and ``blocks`` are filled by the
     planner (``error`` where planning refused it); ``candidates`` are the client's, if any;
-    ``variant`` is the (mode, policy) a batch must share."""
+    ``variant`` is the (mode, policy) a batch must share; ``opened_batch``: the size of the batch
+    this request was the first of (0 for the others, so counting them counts batches)."""
 
     user_id: int
     k: int
@@ -42,6 +43,7 @@ class Request:
     plan: object | None = None
     error: Exception | None = None
     future: asyncio.Future | None = None
+    opened_batch: int = 0
 
 
 @dataclass(slots=True)
@@ -211,6 +213,7 @@ class Scheduler:
             self._pending, self._planning = [], 0
             return refused, [], []
         batch = pick_batch(waiting, self.max_batch)
+        batch[0].opened_batch = len(batch)
         chosen = {id(r) for r in batch}
         self._pending, self._planning = [r for r in waiting if id(r) not in chosen], 0  # queued, not running
         started = time.monotonic()

@@ -133,12 +133,17 @@ def prewarm_bodies(config: LoadConfig, bodies: list[dict]) -> list[dict]:
 
 
 def prewarm(url: str, bodies: list[dict], per_call: int = 16) -> None:
-    """Send ``bodies`` in ``/v1/recommend:batch`` calls, one after another (closed loop)."""
+    """Send ``bodies`` in ``/v1/recommend:batch`` calls, one after another (closed loop); a call
+    the server refuses stops the run (its figures would time computation, not serving)."""
     import httpx
 
     with httpx.Client(base_url=url, timeout=600) as client:
         for start in range(0, len(bodies), per_call):
-            client.post("/v1/recommend:batch", json={"requests": bodies[start : start + per_call]})
+            reply = client.post("/v1/recommend:batch", json={"requests": bodies[start : start + per_call]})
+            if reply.status_code != 200:
+                raise ServiceStartError(
+                    f"prewarming the store failed: HTTP {reply.status_code} {reply.text[:300]}"
+                )
 
 
 def tier_blocks(config: LoadConfig, bodies: list[dict]) -> int:

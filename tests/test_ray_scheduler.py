@@ -64,6 +64,7 @@ def test_affinity_sends_users_sharing_candidates_to_one_replica():
     assert _serve(_scheduler("affinity", calls), [1, 2]) == ["ranked for 1", "ranked for 2"]
     assert calls[0][0] == calls[1][0]  # user 2 reads user 1's 20 item blocks: same replica
     assert calls[1][1].candidates == SHARED_ITEMS  # the replica ranks the planned candidates
+    assert calls[1][1].plan.history == [7, 8]  # and serves the router's plan as it is
 
     blind: list = []  # without planning the router sees only the user: the second user moves on
     _serve(_scheduler("affinity", blind, planner=None), [1, 2])
@@ -92,3 +93,18 @@ def test_batch_sizes_opened_on_replicas_reach_the_metric():
     joining.on_batch = sizes.append
     _serve(joining, [1, 3])
     assert sizes == [3, 3]
+
+
+def test_a_replica_serves_a_planned_request_without_planning_it_again():
+    from types import SimpleNamespace
+
+    from rcllm_sdk.serving.worker import Worker
+
+    def no_second_read(*_):
+        raise AssertionError("planned twice")
+
+    config = SimpleNamespace(mode="rcllm", policy="default")
+    rec = SimpleNamespace(config=config, ranker=object(), plan=no_second_read)
+    planned = Request(1, 5, plan=RequestPlan(1, 5, [7, 8], SHARED_ITEMS))
+    Worker(rec).plan([planned])
+    assert planned.error is None and planned.blocks == planned.plan.blocks

@@ -5,8 +5,8 @@ tier, worker and batching scheduler), deployed as its own application so the rou
 it. :class:`RayScheduler` stands in for the local scheduler in ``create_app``: it plans each
 request first (one Feast read and the retriever, no model: :class:`~rcllm_sdk.request_plan.Planner`)
 so the router sees every block the request reads (its user and candidate items), picks a replica
-with :class:`~rcllm_sdk.serving.routing.Router` and sends the request with its planned
-candidates, so the replica does not retrieve again. When a replica dies with a request in
+with :class:`~rcllm_sdk.serving.routing.Router` and sends the request with its plan, so the
+replica neither reads the history nor retrieves again. When a replica dies with a request in
 flight it retries that request once on another replica and keeps the dead one out of rotation
 for ``revive_after_s`` (Ray Serve restarts it). Ray is imported only here, only when
 ``rcllm serve --replicas N`` (N > 1) asks.
@@ -130,8 +130,9 @@ class RayScheduler:
         for request, plan in zip(requests, plans, strict=True):
             if isinstance(plan, Exception):
                 out.append((plan, None))
-            else:  # the replica ranks the planned candidates: no second retrieval there
-                out.append((replace(request, candidates=plan.candidates or request.candidates), plan.blocks))
+            else:  # the replica serves this plan: no second Feast read or retrieval there
+                sent = replace(request, candidates=plan.candidates or request.candidates, plan=plan)
+                out.append((sent, plan.blocks))
         return out
 
     async def _route(self, request: Request, blocks: frozenset):

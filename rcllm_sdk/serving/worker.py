@@ -54,13 +54,19 @@ class Worker:
 
     def plan(self, requests: list[Request]) -> None:
         """Fill each request's ``plan`` and ``blocks`` (user, candidate items), or its ``error``:
-        one ``RcRecommender.plan`` call (one Feast read) per mode and policy among them."""
+        one ``RcRecommender.plan`` call (one Feast read) per mode and policy among them. Requests
+        that arrive planned (a replica's, planned by the router) are not planned again."""
         by_variant = defaultdict(list)
         for request in requests:
             try:
-                by_variant[self.recommender(request.variant)].append(request)
+                rec = self.recommender(request.variant)
             except RcLLMError as exc:
                 request.error = exc
+                continue
+            if request.plan is None:
+                by_variant[rec].append(request)
+            else:
+                request.blocks = request.plan.blocks
         for rec, group in by_variant.items():
             plans = rec.plan([r.user_id for r in group], [r.k for r in group], [r.candidates for r in group])
             for request, plan in zip(group, plans, strict=True):
